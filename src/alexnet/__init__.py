@@ -1,0 +1,30 @@
+"""alexnet: Krizhevsky, Sutskever & Hinton (NIPS 2012), faithfully, on PyTorch.
+
+    import alexnet
+    model = alexnet.build_model("paper", num_classes=1000)
+    alexnet.PROFILES  # "paper", "cuda-convnet", "caffe", "torchvision", "demo"
+"""
+
+import importlib
+
+from alexnet.config import PROFILES, DataConfig, ModelConfig, Profile, TrainConfig, get_profile
+from alexnet.model import build_model
+
+__version__ = "0.1.0"
+__all__ = [
+    "PROFILES",
+    "DataConfig",
+    "ModelConfig",
+    "Profile",
+    "TrainConfig",
+    "build_model",
+    "get_profile",
+]
+
+
+def __getattr__(name):
+    # `alexnet.data.pca_lighting(...)` after a plain `import alexnet`: submodules load on use.
+    try:
+        return importlib.import_module(f"alexnet.{name}")
+    except ModuleNotFoundError as e:
+        raise AttributeError(f"module 'alexnet' has no attribute {name!r}") from e

@@ -1,0 +1,7 @@
+"""`python -m alexnet ...` (and `torchrun -m alexnet ...`) is the `alexnet` command."""
+
+import sys
+
+from alexnet.cli import main
+
+sys.exit(main())

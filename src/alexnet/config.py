@@ -1,0 +1,241 @@
+"""Configuration as data: one frozen dataclass per concern, and the named profiles.
+
+A profile is a named, frozen set of values: the network (`ModelConfig`), the data views
+(`DataConfig`) and the training recipe (`TrainConfig`). The CLI maps its flags onto the same
+dataclasses with `dataclasses.replace`, and every run saves the fully resolved config as JSON.
+
+Sources for every number: ../shared/alexnet-facts.md (the paper, the 2012 cuda-convnet code
+`layers-145.cfg` / `layer-params-145.cfg`, Caffe's bvlc_alexnet, torchvision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+
+def _per_layer(default: float, **values: float) -> dict[str, float]:
+    out = {name: default for name in LAYERS}
+    out.update(values)
+    return out
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network. Two-tower layouts follow the paper's Figure 2; "torchvision" is its net."""
+
+    layout: str = "two-tower"  # "two-tower" (paper, cuda-convnet, caffe) or "torchvision"
+    input_size: int = 224  # Sec. 3.5/4.1: 224x224 patches (Caffe: 227)
+    # The 2012 code computes 1 + ceil((in + 2*pad - k) / stride): 224 -> 55 equals zero-padding
+    # the right and bottom edges by 3 (layers-145 conv1). 0 for Caffe's 227 input.
+    conv1_pad_right_bottom: int = 3
+    # Layer order of conv1/conv2/conv5. "paper": conv -> ReLU -> LRN -> pool (Sec. 3.3, 3.5).
+    # "cuda-convnet": conv1 -> LRN -> pool -> ReLU; conv2 ReLU -> LRN -> spatial norm -> pool;
+    # conv5 pool -> ReLU (layers-145.cfg).
+    order: str = "paper"
+    activation: str = "relu"  # Sec. 3.1: ReLU; "tanh" for the Figure 1 comparison
+    lrn: bool = True  # Sec. 3.3: response normalisation after conv1 and conv2
+    lrn_size: int = 5  # Sec. 3.3: n = 5 adjacent kernel maps
+    lrn_k: float = 2.0  # Sec. 3.3: k = 2
+    lrn_alpha: float = 1e-4  # Sec. 3.3: alpha = 1e-4, used as printed (not divided by n)
+    lrn_beta: float = 0.75  # Sec. 3.3: beta = 0.75
+    # layers-145 "rnorm" after conv2's LRN: spatial 5x5 contrast normalisation, scale 0.001
+    # divided by 5^2 by the parser, pow 0.75. Only in the cuda-convnet profile.
+    spatial_norm: bool = False
+    spatial_norm_size: int = 5
+    spatial_norm_alpha: float = 0.001 / 25
+    spatial_norm_beta: float = 0.75
+    pool: str = "overlap"  # Sec. 3.4: overlapping max-pool z=3, s=2 ("nonoverlap": z=2, s=2)
+    dropout: float = 0.5  # Sec. 4.2: dropout 0.5 on fc6 and fc7
+    towers: int = 2  # Sec. 3.2: two towers; 1 = the one-GPU comparison net (half conv kernels)
+    drop_conv: int | None = None  # Sec. 3 end: remove conv3, conv4 or conv5 (about 2% worse)
+    # Sec. 5: weights N(0, 0.01) everywhere; biases 1 in conv2, conv4, conv5, fc6, fc7.
+    init_std: dict[str, float] = field(default_factory=lambda: _per_layer(0.01))
+    init_bias: dict[str, float] = field(
+        default_factory=lambda: _per_layer(0.0, conv2=1.0, conv4=1.0, conv5=1.0, fc6=1.0, fc7=1.0)
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The data views (Sec. 4.1 of the paper and the 2012 code's convdata.py)."""
+
+    image_size: int = 256  # Sec. 2: shorter side rescaled to 256, central 256x256 patch
+    crop_size: int = 224  # Sec. 4.1: random 224x224 patches (Caffe: 227)
+    flip: bool = True  # Sec. 4.1: horizontal reflections
+    # Sec. 4.1 PCA lighting: offset = eigvec @ (alpha * eigval), alpha ~ N(0, 0.1).
+    lighting_std: float = 0.1  # 0 turns it off (Caffe has none)
+    # "paper": eigvec @ (alpha * eigval). "cuda-convnet": eigvec @ (alpha * sqrt(eigval)) and the
+    # image divided by 1.1 afterwards (convdata.py).
+    lighting: str = "paper"
+    # Crops and flips shared by chunks of this many images (cuda-convnet: 32; paper: 1).
+    crop_chunk: int = 1
+    # Sec. 2: subtract the mean image. "image": the matching crop of the 256x256 mean image;
+    # "center": the central crop of the mean image for every crop (cuda-convnet); "channel":
+    # per-channel mean (Caffe later, torchvision-style normalisation uses "channel-std").
+    mean: str = "image"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe (Sec. 5 of the paper unless noted)."""
+
+    epochs: int = 90  # Sec. 5: roughly 90 cycles through the training set
+    batch_size: int = 128  # Sec. 5: batch size 128
+    optimizer: str = "paper-sgd"  # Sec. 5's exact update: v <- 0.9v - 5e-4*eps*w - eps*g
+    lr: float = 0.01  # Sec. 5: equal learning rate 0.01 for all layers
+    momentum: float = 0.9  # Sec. 5
+    weight_decay: float = 5e-4  # Sec. 5
+    bias_lr_mult: float = 1.0  # layer-params-145 / Caffe: 2.0 (bias epsB = 2 * epsW)
+    bias_decay: bool = True  # layer-params-145 / Caffe: no weight decay on biases
+    # "plateau": divide by 10 when validation error stops improving (Sec. 5), at most
+    # `max_lr_drops` times. "steps": divide by 10 at `milestones` (epochs).
+    schedule: str = "plateau"
+    max_lr_drops: int = 3  # Sec. 5: "reduced three times prior to termination"
+    plateau_patience: int = 3  # epochs without improvement before a drop (our documented rule)
+    plateau_threshold: float = 0.001  # an improvement must beat the best top-1 error by this
+    milestones: tuple[float, ...] = ()  # epochs at which lr /= 10 (for schedule="steps")
+    # cuda-convnet's log: conv1 lr to 1e-5 at epoch 67 and 0 at 72; colour noise off at 67.
+    conv1_lr_schedule: tuple[tuple[float, float], ...] = ()  # (epoch, lr) pairs
+    lighting_off_epoch: float | None = None
+    warmup_epochs: float = 0.0  # not in the paper; linear lr warm-up (demo recipe)
+    label_smoothing: float = 0.0  # not in the paper
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PAPER = Profile(
+    name="paper",
+    description="The text of the NIPS 2012 paper, literally.",
+    model=ModelConfig(),
+    data=DataConfig(),
+    train=TrainConfig(),
+)
+
+CUDA_CONVNET = Profile(
+    name="cuda-convnet",
+    description="What the 2012 code ran (layers-145.cfg, layer-params-145.cfg, convdata.py).",
+    model=ModelConfig(
+        order="cuda-convnet",
+        lrn_alpha=1e-4 / 5,  # the parser divides "scale" by the window size
+        spatial_norm=True,
+        init_std=_per_layer(0.01, conv3=0.03, conv4=0.03, conv5=0.03),
+    ),
+    data=DataConfig(lighting="cuda-convnet", crop_chunk=32, mean="center"),
+    train=TrainConfig(
+        bias_lr_mult=2.0,
+        bias_decay=False,
+        schedule="steps",
+        epochs=91,  # stopped at epoch 91 (40.66% / 18.21% validation)
+        milestones=(25, 51, 79),
+        conv1_lr_schedule=((67, 1e-5), (72, 0.0)),
+        lighting_off_epoch=67,
+    ),
+)
+
+CAFFE = Profile(
+    name="caffe",
+    description="Caffe's models/bvlc_alexnet.",
+    model=ModelConfig(
+        input_size=227,
+        conv1_pad_right_bottom=0,
+        lrn_k=1.0,
+        lrn_alpha=1e-4 / 5,  # Caffe divides alpha by local_size
+        init_std=_per_layer(0.01, fc6=0.005, fc7=0.005),
+        init_bias=_per_layer(0.0, conv2=0.1, conv4=0.1, conv5=0.1, fc6=0.1, fc7=0.1),
+    ),
+    data=DataConfig(crop_size=227, lighting_std=0.0),
+    train=TrainConfig(
+        batch_size=256,
+        optimizer="sgd",
+        bias_lr_mult=2.0,
+        bias_decay=False,
+        schedule="steps",
+        # lr x0.1 every 100k of 450k iterations at batch 256 on 1.28M images: 20, 40, 60 epochs
+        epochs=90,
+        milestones=(20, 40, 60, 80),
+    ),
+)
+
+TORCHVISION = Profile(
+    name="torchvision",
+    description="torchvision.models.alexnet: single tower 64-192-384-256-256, no LRN.",
+    model=ModelConfig(
+        layout="torchvision",
+        conv1_pad_right_bottom=0,
+        lrn=False,
+        towers=1,
+    ),
+    data=DataConfig(lighting_std=0.0, mean="channel-std"),
+    train=TrainConfig(optimizer="sgd", schedule="steps", milestones=(30, 60)),
+)
+
+# The demo recipe: the paper's network on Fashion-MNIST on a 2-core CPU in minutes. The paper's
+# init and lr do not leave the initial plateau within such a budget, so the recipe changes what
+# it must; each deviation is listed in DEMO_DEVIATIONS and written into config.json.
+DEMO = Profile(
+    name="demo",
+    description="The paper's network with a recipe that learns on a CPU in minutes.",
+    model=ModelConfig(),
+    data=DataConfig(),
+    train=TrainConfig(epochs=1),
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (PAPER, CUDA_CONVNET, CAFFE, TORCHVISION, DEMO)}
+
+
+def get_profile(name: str) -> Profile:
+    """The profile called `name`; a clear error listing the valid names otherwise."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}"
+        ) from None
+
+
+def replace_checked(config: Any, what: str, **overrides: Any) -> Any:
+    """`dataclasses.replace` that names the valid fields when given an unknown one."""
+    names = [f.name for f in dataclasses.fields(config)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown {what} override(s) {', '.join(unknown)}; valid: {', '.join(names)}"
+        )
+    return dataclasses.replace(config, **overrides)
+
+
+def profile_from_dict(d: dict[str, Any]) -> Profile:
+    """Inverse of Profile.to_dict (JSON turns tuples into lists; turn them back)."""
+
+    def build(cls: type, values: dict[str, Any]) -> Any:
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            v = values[f.name]
+            if isinstance(v, list):
+                v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+            kwargs[f.name] = v
+        return cls(**kwargs)
+
+    return Profile(
+        name=d["name"],
+        description=d.get("description", ""),
+        model=build(ModelConfig, d["model"]),
+        data=build(DataConfig, d["data"]),
+        train=build(TrainConfig, d["train"]),
+    )
