@@ -135,7 +135,9 @@ class TowerConv(_Parts):
     def __init__(self, cin, cout, kernel, stride, pad, cross, towers, devices):
         self.cross, self.towers, self.stride, self.pad = cross, towers, stride, pad
         per_tower_in = cin if cross else cin // towers
-        super().__init__((cout, per_tower_in, kernel, kernel), devices, [cout // len(devices)] * len(devices))
+        super().__init__(
+            (cout, per_tower_in, kernel, kernel), devices, [cout // len(devices)] * len(devices)
+        )
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self.split:
@@ -203,6 +205,10 @@ class AlexNet(nn.Module):
             if i == len(convs) - 1:
                 self._last_conv = name
         self._convs = [c[0] for c in convs]
+        # Sec. 3.4: overlapping max-pool z=3, s=2 after norm1, norm2 and the last conv layer.
+        self.pool1 = nn.MaxPool2d(self.pool_kernel, 2)
+        self.pool2 = nn.MaxPool2d(self.pool_kernel, 2)
+        self.pool5 = nn.MaxPool2d(self.pool_kernel, 2)
         if config.lrn:
             lrn = dict(size=config.lrn_size, alpha=config.lrn_alpha, beta=config.lrn_beta)
             self.norm1 = ResponseNorm(**lrn, k=config.lrn_k, groups=towers)
@@ -236,8 +242,8 @@ class AlexNet(nn.Module):
         # One device: the module normalises each tower's group of maps. Two: each part is a tower.
         return [module(x, groups=None if len(xs) == 1 else 1) for x in xs]
 
-    def _pool(self, xs):
-        return self._each(lambda x: F.max_pool2d(x, self.pool_kernel, 2), xs)
+    def _pool(self, module, xs):
+        return self._each(module, xs)
 
     def _dropout(self, xs):
         p = self.config.dropout
@@ -248,7 +254,9 @@ class AlexNet(nn.Module):
         width = sum(x.shape[1] for x in xs)
         keep = torch.rand(xs[0].shape[0], width, device=xs[0].device) >= p
         masks = keep.split([x.shape[1] for x in xs], 1)
-        return [x * m.to(x.device, x.dtype) * (1.0 / (1.0 - p)) for x, m in zip(xs, masks, strict=True)]
+        return [
+            x * m.to(x.device, x.dtype) * (1.0 / (1.0 - p)) for x, m in zip(xs, masks, strict=True)
+        ]
 
     def check_input(self, x: torch.Tensor) -> None:
         s = self.config.input_size
@@ -269,9 +277,9 @@ class AlexNet(nn.Module):
         xs = [x.to(d) for d in self.devices] if len(self.devices) > 1 else [x]
         xs = self.conv1([xs[0]]) if len(self.devices) == 1 else self._conv1_split(xs)
         if order == "cuda-convnet":  # layers-145: conv1 -> LRN -> pool -> ReLU
-            xs = self._each(act, self._pool(self._norm(norm1, xs)))
+            xs = self._each(act, self._pool(self.pool1, self._norm(norm1, xs)))
         else:  # Sec. 3.3-3.5: conv -> ReLU -> LRN -> pool
-            xs = self._pool(self._norm(norm1, self._each(act, xs)))
+            xs = self._pool(self.pool1, self._norm(norm1, self._each(act, xs)))
         for name in self._convs[1:]:
             xs = getattr(self, name)(xs)
             last = name == self._last_conv
@@ -279,13 +287,13 @@ class AlexNet(nn.Module):
                 xs = self._norm(norm2, self._each(act, xs))
                 if c.spatial_norm:
                     xs = self._each(self.snorm2, xs)
-                xs = self._pool(xs)
+                xs = self._pool(self.pool2, xs)
             elif last and order == "cuda-convnet":  # layers-145: conv5 -> pool -> ReLU
-                xs = self._each(act, self._pool(xs))
+                xs = self._each(act, self._pool(self.pool5, xs))
             else:
                 xs = self._each(act, xs)
                 if last:
-                    xs = self._pool(xs)
+                    xs = self._pool(self.pool5, xs)
         xs = [x.flatten(1) for x in xs]  # per-tower channel order = the whole layer's order
         xs = self._dropout(self._each(act, self.fc6(xs)))
         xs = self._dropout(self._each(act, self.fc7(xs)))

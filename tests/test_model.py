@@ -1,0 +1,287 @@
+"""The network against the numbers of ../shared/alexnet-facts.md and independent references."""
+
+import json
+
+import pytest
+import torch
+
+import alexnet
+from alexnet.cli import main as cli_main
+from alexnet.model import build_model
+
+TWO_TOWER = ["paper", "cuda-convnet", "caffe"]
+
+# Figure 2 / the facts file: output shapes for a 224 input (Caffe: 227 gives the same).
+PAPER_SHAPES = {
+    "conv1": (96, 55, 55),
+    "pool1": (96, 27, 27),
+    "conv2": (256, 27, 27),
+    "pool2": (256, 13, 13),
+    "conv3": (384, 13, 13),
+    "conv4": (384, 13, 13),
+    "conv5": (256, 13, 13),
+    "pool5": (256, 6, 6),
+}
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_counts_match_the_facts():
+    assert count(build_model("paper", num_classes=1000)) == 60_965_224
+    assert count(build_model("torchvision", num_classes=1000)) == 61_100_840
+    # The same count computed by hand from the layer table of the facts file.
+    by_hand = (
+        96 * (3 * 11 * 11 + 1)
+        + 256 * (48 * 5 * 5 + 1)
+        + 384 * (256 * 3 * 3 + 1)
+        + 384 * (192 * 3 * 3 + 1)
+        + 256 * (192 * 3 * 3 + 1)
+        + 4096 * (9216 + 1)
+        + 4096 * (4096 + 1)
+        + 1000 * (4096 + 1)
+    )
+    assert by_hand == 60_965_224
+
+
+@pytest.mark.parametrize("profile", ["paper", "cuda-convnet", "caffe"])
+def test_per_layer_output_shapes(profile):
+    model = build_model(profile, num_classes=10).eval()
+    size = alexnet.get_profile(profile).model.input_size
+    shapes = {}
+    for name in PAPER_SHAPES:
+        module = getattr(model, name)
+
+        def hook(_m, _i, out, name=name):
+            out = out[0] if isinstance(out, list) else out
+            shapes[name] = tuple(out.shape[1:])
+
+        module.register_forward_hook(hook)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    assert shapes == PAPER_SHAPES
+    assert out.shape == (2, 10)
+
+
+def test_summary_json_totals(capsys):
+    assert cli_main(["summary", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["total_params"] == 60_965_224
+    # About 724M multiply-adds per image for the two-tower net (facts, "Throughput references").
+    assert 720e6 < s["total_macs"] < 728e6
+    layers = {r["layer"]: r for r in s["layers"]}
+    assert layers["conv1"]["output"] == [96, 55, 55]
+    assert layers["conv1"]["macs"] == 96 * 55 * 55 * 3 * 11 * 11
+    assert layers["conv2"]["macs"] == 256 * 27 * 27 * 48 * 5 * 5  # grouped: 48 input maps
+
+
+def test_profiles_table_lists_differences(capsys):
+    assert cli_main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    for name in ["paper", "cuda-convnet", "caffe", "torchvision"]:
+        assert name in out
+    for key in ["model.lrn_alpha", "model.lrn_k", "model.input_size", "train.bias_lr_mult"]:
+        assert key in out
+
+
+@pytest.mark.parametrize(
+    "profile,std,bias",
+    [
+        # Sec. 5: N(0, 0.01), biases 1 in conv2, conv4, conv5, fc6, fc7, 0 elsewhere.
+        (
+            "paper",
+            dict.fromkeys(["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"], 0.01),
+            {
+                "conv1": 0,
+                "conv2": 1,
+                "conv3": 0,
+                "conv4": 1,
+                "conv5": 1,
+                "fc6": 1,
+                "fc7": 1,
+                "fc8": 0,
+            },
+        ),  # noqa: E501
+        # layers-145: std 0.03 for conv3-5.
+        (
+            "cuda-convnet",
+            {"conv1": 0.01, "conv3": 0.03, "conv4": 0.03, "conv5": 0.03, "fc6": 0.01},
+            {"conv2": 1, "fc8": 0},
+        ),  # noqa: E501
+        # bvlc_alexnet: fc6/fc7 std 0.005, biases 0.1.
+        (
+            "caffe",
+            {"conv1": 0.01, "fc6": 0.005, "fc7": 0.005},
+            {"conv1": 0, "conv2": 0.1, "fc7": 0.1, "fc8": 0},
+        ),  # noqa: E501
+    ],
+)
+def test_initialisation(profile, std, bias):
+    torch.manual_seed(0)
+    model = build_model(profile, num_classes=1000)
+    for name, s in std.items():
+        w = getattr(model, name).weight.detach().double()
+        assert abs(w.std().item() / s - 1) < 0.03, name
+        assert abs(w.mean().item()) < 0.03 * s, name
+    for name, b in bias.items():
+        assert torch.all(getattr(model, name).bias == b), name
+
+
+def lrn_reference(x, size, alpha, beta, k, groups):
+    """The printed formula of Sec. 3.3 in float64, one map at a time."""
+    x = x.double()
+    out = torch.empty_like(x)
+    c = x.shape[1]
+    per = c // groups
+    for i in range(c):
+        g0 = (i // per) * per
+        lo, hi = max(g0, i - size // 2), min(g0 + per - 1, i + size // 2)
+        denom = (k + alpha * (x[:, lo : hi + 1] ** 2).sum(1)) ** beta
+        out[:, i] = x[:, i] / denom
+    return out
+
+
+@pytest.mark.parametrize("profile", TWO_TOWER)
+def test_model_norm_layers_follow_the_formula(profile):
+    model = build_model(profile, num_classes=10)
+    m = alexnet.get_profile(profile).model
+    # Large activations so the normalisation term matters (alpha * sum ~ k).
+    x = torch.randn(2, 96, 7, 7, dtype=torch.float64) * 60
+    got = model.norm1(x)
+    ref = lrn_reference(x, m.lrn_size, m.lrn_alpha, m.lrn_beta, m.lrn_k, groups=2)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def _seeded_pass(model, x, seed, train):
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(x)
+    out.square().sum().backward()
+    grads = {
+        name: torch.cat([p.to("cpu").flatten() for p in _layer_params(model, name)])
+        for name in ["conv1", "conv2", "conv3", "conv5", "fc6", "fc8"]
+    }
+    return out.detach(), grads
+
+
+def _layer_params(model, name):
+    layer = getattr(model, name)
+    if layer.split:
+        return [p.grad for p in layer.weights] + [p.grad for p in layer.biases]
+    return [
+        layer.weight.grad[: layer.weight.shape[0] // 2],
+        layer.weight.grad[layer.weight.shape[0] // 2 :],
+        layer.bias.grad[: layer.bias.shape[0] // 2],
+        layer.bias.grad[layer.bias.shape[0] // 2 :],
+    ]  # noqa: E501
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [False, True])
+def test_two_device_model_parallel_equals_one_device(train):
+    torch.manual_seed(1)
+    one = build_model("paper", num_classes=10)
+    two = build_model("paper", num_classes=10, devices=["cpu", "cpu"])
+    two.load_state_dict(one.state_dict())
+    # The state_dict is the same whatever the devices: one grouped tensor per layer.
+    sd1, sd2 = one.state_dict(), two.state_dict()
+    assert list(sd1) == list(sd2)
+    assert sd2["conv2.weight"].shape == (256, 48, 5, 5)
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
+    x = torch.randn(3, 3, 224, 224) * 50
+    out1, g1 = _seeded_pass(one, x, 7, train)
+    out2, g2 = _seeded_pass(two, x, 7, train)
+    torch.testing.assert_close(out2, out1, rtol=1e-5, atol=1e-5 * out1.abs().max().item())
+    for name in g1:
+        scale = g1[name].abs().max().item()
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_two_device_keys_and_split_halves():
+    two = build_model("paper", num_classes=10, devices=["cpu", "cpu"])
+    sd = two.state_dict()
+    assert sd["conv2.weight"].shape == (256, 48, 5, 5)
+    assert sd["fc6.weight"].shape == (4096, 9216)
+    # Each device holds only its half of every layer (no wasted full-size compute).
+    assert two.conv2.weights[0].shape == (128, 48, 5, 5)
+    assert two.conv3.weights[0].shape == (192, 256, 3, 3)  # conv3 sees both towers
+    assert two.fc6.weights[0].shape == (2048, 9216)
+
+
+OVERRIDES = [
+    {},
+    {"activation": "tanh"},
+    {"lrn": False},
+    {"pool": "nonoverlap"},
+    {"dropout": 0.0},
+    {"towers": 1},
+    {"drop_conv": 3},
+    {"drop_conv": 4},
+    {"drop_conv": 5},
+]
+
+
+@pytest.mark.parametrize("profile", ["paper", "cuda-convnet", "caffe", "torchvision"])
+def test_forward_backward_every_profile(profile):
+    size = alexnet.get_profile(profile).model.input_size
+    model = build_model(profile, num_classes=7).train()
+    x = torch.randn(2, 3, size, size) * 50
+    out = model(x)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "overrides", OVERRIDES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "base"
+)  # noqa: E501
+def test_forward_backward_every_override(overrides):
+    model = build_model("paper", num_classes=5, **overrides).train()
+    out = model(torch.randn(2, 3, 224, 224) * 50)
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_one_tower_comparison_net_widths():
+    # Sec. 3.2: half the kernels in conv1-conv4, conv5 and the FC layers not halved.
+    m = build_model("paper", towers=1)
+    widths = [getattr(m, f"conv{i}").weight.shape[0] for i in range(1, 6)]
+    assert widths == [48, 128, 192, 192, 256]
+    assert m.fc6.weight.shape == (4096, 9216)
+    assert m.conv2.weight.shape == (128, 48, 5, 5)  # one tower: sees all of conv1
+
+
+def test_unknown_profile_and_override_are_clear_errors():
+    with pytest.raises(ValueError, match="valid profiles: paper"):
+        build_model("vgg")
+    with pytest.raises(ValueError, match="valid:.*activation"):
+        build_model("paper", batchnorm=True)
+    with pytest.raises(ValueError, match="relu"):
+        build_model("paper", activation="gelu")
+    with pytest.raises(ValueError, match="two-tower"):
+        build_model("torchvision", towers=2)
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 1, 224, 224), (2, 3, 100, 100), (3, 224, 224), (2, 4, 224, 224)]
+)
+def test_bad_input_names_expected_shape(shape):
+    model = build_model("paper", num_classes=3)
+    with pytest.raises(ValueError, match=r"\(N, 3, 224, 224\)"):
+        model(torch.randn(*shape))
+
+
+def test_torchvision_layout_loads_torchvision_state_dict_exactly():
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = torchvision.models.alexnet(num_classes=10).eval()
+    ours = build_model("torchvision", num_classes=10).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
