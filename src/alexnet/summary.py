@@ -72,9 +72,8 @@ def summarize(profile: str, input_size: int | None = None, num_classes: int = 10
 
 
 def _print_summary(s: dict) -> None:
-    print(
-        f"profile {s['profile']}, input {'x'.join(map(str, s['input']))}, {s['num_classes']} classes"
-    )
+    size = "x".join(map(str, s["input"]))
+    print(f"profile {s['profile']}, input {size}, {s['num_classes']} classes")
     print(f"{'layer':<10} {'output':>14} {'params':>13} {'mult-adds':>15}")
     for r in s["layers"]:
         shape = "x".join(map(str, r["output"]))
