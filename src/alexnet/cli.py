@@ -12,6 +12,9 @@ import sys
 
 COMMAND_MODULES = (
     "alexnet.summary",
+    "alexnet.train",
+    "alexnet.evaluate",
+    "alexnet.demo",
 )
 
 

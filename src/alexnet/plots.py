@@ -1,0 +1,63 @@
+"""Figures drawn with matplotlib (Agg: no display needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(step records, epoch records) of a run's metrics.jsonl."""
+    steps, epochs = [], []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        (steps if r.get("kind") == "step" else epochs).append(r)
+    return steps, epochs
+
+
+def plot_curves(metrics: str | Path, out: str | Path) -> Path:
+    """curves.png: train/val loss and val top-1/top-5 error against epochs, lr drops marked."""
+    steps, epochs = read_metrics(metrics)
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
+    if steps:
+        ax_loss.plot(
+            [r["epoch"] for r in steps],
+            [r["loss"] for r in steps],
+            lw=0.8,
+            alpha=0.7,
+            label="train loss (per logged step)",
+        )
+    if epochs:
+        e = [r["epoch"] for r in epochs]
+        ax_loss.plot(e, [r["val_loss"] for r in epochs], "o-", label="val loss")
+        ax_err.plot(e, [100 * r["val_top1_error"] for r in epochs], "o-", label="val top-1 error")
+        ax_err.plot(e, [100 * r["val_top5_error"] for r in epochs], "s-", label="val top-5 error")
+    # An lr drop decided after epoch e acts from epoch e on (the plateau rule / the schedule).
+    drops = [r["epoch"] for r in epochs if r.get("lr_dropped")]
+    lrs = [(r["epoch"], r["lr"]) for r in steps]
+    for (_, lr0), (e1, lr1) in zip(lrs, lrs[1:], strict=False):
+        if lr1 < lr0 * 0.5:
+            drops.append(e1)
+    for i, d in enumerate(sorted(set(drops))):
+        for ax in (ax_loss, ax_err):
+            ax.axvline(d, color="grey", ls="--", lw=0.8, label="lr / 10" if i == 0 else None)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    ax_err.set(xlabel="epoch", ylabel="error (%)", title="validation error (centre view)")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)  # a reader never sees a half-written PNG
+    return out
