@@ -91,6 +91,7 @@ class TrainConfig:
     weight_decay: float = 5e-4  # Sec. 5
     bias_lr_mult: float = 1.0  # layer-params-145 / Caffe: 2.0 (bias epsB = 2 * epsW)
     bias_decay: bool = True  # layer-params-145 / Caffe: no weight decay on biases
+    bias_lr_fixed: bool = False  # layer-params-145: the bias lr was never lowered
     # "plateau": divide by 10 when validation error stops improving (Sec. 5), at most
     # `max_lr_drops` times. "steps": divide by 10 at `milestones` (epochs).
     schedule: str = "plateau"
@@ -138,6 +139,7 @@ CUDA_CONVNET = Profile(
     train=TrainConfig(
         bias_lr_mult=2.0,
         bias_decay=False,
+        bias_lr_fixed=True,
         schedule="steps",
         epochs=91,  # stopped at epoch 91 (40.66% / 18.21% validation)
         milestones=(25, 51, 79),

@@ -1,0 +1,241 @@
+"""Checkpoint files that survive crashes and never run code when loaded.
+
+- Every write is atomic (`atomic_write`): a temporary file in the same folder, flushed and
+  fsynced, renamed over the target with os.replace, then the folder fsynced. A crash at any
+  moment leaves either the old file or the new one, never a torn file.
+- Weights (`save_weights` / `load_weights`): safetensors, with string metadata; the format key
+  "format": "alexnet-weights/1" tells our files from any other safetensors file.
+- Training state (`save_state` / `load_state`): torch.save, loaded with weights_only=True, so
+  only tensors and plain containers/numbers/strings come back. `capture_rng_state` /
+  `restore_rng_state` put every random generator's state into those types.
+
+A file that is empty, truncated, corrupt or someone else's raises ValueError with one line naming
+the file and what is wrong (FileNotFoundError for a missing one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import random
+import struct
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save as st_save
+from torch import nn
+
+WEIGHTS_FORMAT = "alexnet-weights/1"
+STATE_FORMAT = "alexnet-state/1"
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the folder's entry is on disk (POSIX; not on Windows).
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any]) -> Path:
+    """Write `path` atomically: `write_fn(f)` writes to a binary temporary file in the same
+    folder, which is flushed, fsynced and renamed over `path`. On any error (or Ctrl-C) the
+    temporary file is removed and the previous `path`, if any, is left untouched."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+# --- weights: safetensors ----------------------------------------------------------------------
+def _cpu_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"state_dict entry {k!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share storage (views of one buffer): copy those.
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        out[k] = t
+    return out
+
+
+def save_weights(
+    path: str | os.PathLike,
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write the weights as a safetensors file, atomically. `metadata` values must be strings
+    (JSON-encode lists and dicts); "format" defaults to WEIGHTS_FORMAT."""
+    state = (
+        model_or_state_dict.state_dict()
+        if isinstance(model_or_state_dict, nn.Module)
+        else model_or_state_dict
+    )
+    meta = {"format": WEIGHTS_FORMAT}
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError(f"weights metadata must map str to str; {k!r} is {type(v).__name__}")
+        meta[k] = v
+    data = st_save(_cpu_tensors(state), metadata=meta)
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def _bad(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path}: {what}")
+
+
+def _read_weights_header(path: Path) -> dict[str, Any]:
+    # safetensors layout: 8-byte little-endian header length, JSON header, tensor bytes.
+    size = path.stat().st_size  # FileNotFoundError for a missing file
+    if size == 0:
+        raise _bad(path, "empty file, not an alexnet weights file (safetensors)")
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _bad(path, f"truncated or not a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise _bad(path, "not a safetensors file, or truncated (header longer than the file)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _bad(path, "not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "not a safetensors file (its header is not a JSON object)")
+    try:
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise _bad(path, "not a safetensors file (malformed tensor entries)") from None
+    if 8 + n + end > size:
+        raise _bad(path, f"truncated: {size} bytes, its header describes {8 + n + end}")
+    return header
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state_dict on the CPU, metadata) of a file written by save_weights. Never runs code."""
+    path = Path(path)
+    header = _read_weights_header(path)
+    meta = header.get("__metadata__") or {}
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt is None:
+        raise _bad(path, 'a file without a "format" metadata key: not alexnet weights')
+    if fmt != WEIGHTS_FORMAT:
+        raise _bad(path, f"unsupported format {fmt!r} (expected {WEIGHTS_FORMAT!r})")
+    try:
+        state = st_load_file(path, device="cpu")
+    except Exception as e:  # safetensors' own checks (bad offsets, dtypes, ...)
+        raise _bad(path, f"corrupt safetensors file ({str(e).splitlines()[0]})") from None
+    return state, dict(meta)
+
+
+# --- training state: torch.save, loaded with weights_only=True ---------------------------------
+def save_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """torch.save `state` atomically, wrapped with the format key STATE_FORMAT. Keep it to
+    tensors, numbers, strings, None, lists, tuples and dicts (weights_only loading)."""
+    wrapped = {"format": STATE_FORMAT, "state": dict(state)}
+    return atomic_write(path, lambda f: torch.save(wrapped, f))
+
+
+def load_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """The dict given to save_state. torch.load(weights_only=True): never runs code."""
+    path = Path(path)
+    size = path.stat().st_size  # FileNotFoundError for a missing file
+    if size == 0:
+        raise _bad(path, "empty file, not an alexnet training state")
+    try:
+        with warnings.catch_warnings():
+            # A plain pickle (protocol 4) warns before being refused: the ValueError says it.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _bad(
+            path, f"refused or corrupt pickle, not an alexnet training state ({first})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
+        if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _bad(path, f"truncated or corrupt, not a readable training state ({first})") from None
+    if not isinstance(obj, dict) or obj.get("format") != STATE_FORMAT or "state" not in obj:
+        fmt = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise _bad(
+            path, f"not an alexnet training state (format {fmt!r}, expected {STATE_FORMAT!r})"
+        )
+    return obj["state"]
+
+
+# --- random generators -------------------------------------------------------------------------
+def capture_rng_state(*generators: torch.Generator) -> dict[str, Any]:
+    """Every global generator's state (Python, NumPy's legacy global, torch CPU and CUDA) and
+    those of `generators`, as types that weights_only loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "generators": [g.get_state() for g in generators],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any], *generators: torch.Generator) -> None:
+    """Inverse of capture_rng_state (same generators in the same order)."""
+    random.setstate(_as_tuples(state["python"]))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    saved = state.get("generators", [])
+    if len(saved) != len(generators):
+        raise ValueError(f"RNG state holds {len(saved)} generators, {len(generators)} given")
+    for g, s in zip(generators, saved, strict=True):
+        g.set_state(s)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(x: Any) -> Any:
+    # random.setstate wants tuples (a JSON round trip would give lists).
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
