@@ -276,15 +276,14 @@ class LRSchedule:
         self.epoch = float(epoch)
         base = self.train.lr * self.lr_mult(epoch)
         conv1 = self.conv1_lr(epoch)
-        # layer-params-145: cuda-convnet never lowered the bias lr. Honoured when the config
-        # carries a `bias_lr_fixed` flag (False, the paper's reading, when it does not).
-        fixed_bias = bool(getattr(self.train, "bias_lr_fixed", False))
+        # layer-params-145: cuda-convnet never lowered the bias lr (TrainConfig.bias_lr_fixed).
+        fixed_bias = self.train.bias_lr_fixed
         for group in optimizer.param_groups:
             mult, name = group.get("lr_mult", 1.0), group.get("name")
-            if fixed_bias and name in ("biases", "conv1.bias"):
-                group["lr"] = self.train.lr * self.warmup(epoch) * mult
-            elif conv1 is not None and name in CONV1_GROUPS:
+            if conv1 is not None and name in CONV1_GROUPS:  # the logged conv1 changes win
                 group["lr"] = conv1 * mult
+            elif fixed_bias and name in ("biases", "conv1.bias"):
+                group["lr"] = self.train.lr * self.warmup(epoch) * mult
             else:
                 group["lr"] = base * mult
         return base
