@@ -12,9 +12,16 @@ import sys
 
 COMMAND_MODULES = (
     "alexnet.summary",
+    "alexnet.data.prepare",
+    "alexnet.bench",
     "alexnet.train",
     "alexnet.evaluate",
     "alexnet.demo",
+    "alexnet.experiments.figure1",
+    "alexnet.experiments.ablate",
+    "alexnet.experiments.kernels",
+    "alexnet.experiments.neighbors",
+    "alexnet.experiments.report",
 )
 
 

@@ -176,6 +176,7 @@ class AlexNet(nn.Module):
         super().__init__()
         self.config, self.num_classes = config, num_classes
         self.devices = [torch.device(d) for d in devices]
+        self.dropout_rows: tuple[int, int] | None = None  # see _dropout
         towers = config.towers
         if len(self.devices) not in (1, towers):
             raise ValueError(
@@ -251,8 +252,12 @@ class AlexNet(nn.Module):
             return xs  # inverted dropout: at test time the layer is the identity (Sec. 4.2)
         # One mask for the whole layer, drawn on the first device, so that the one- and the
         # two-device forms consume the random stream identically and compute the same function.
-        width = sum(x.shape[1] for x in xs)
-        keep = torch.rand(xs[0].shape[0], width, device=xs[0].device) >= p
+        # Under data parallelism (`dropout_rows` = (first row, global batch), set by the
+        # trainer) every rank draws the global batch's mask and keeps its own rows: N ranks then
+        # drop exactly the units one process with the whole batch would.
+        width, rows = sum(x.shape[1] for x in xs), xs[0].shape[0]
+        first, total = self.dropout_rows or (0, rows)
+        keep = torch.rand(total, width, device=xs[0].device)[first : first + rows] >= p
         masks = keep.split([x.shape[1] for x in xs], 1)
         return [
             x * m.to(x.device, x.dtype) * (1.0 / (1.0 - p)) for x, m in zip(xs, masks, strict=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
@@ -228,6 +229,8 @@ class Trainer:
         self.train_model = self.model
         if dist is not None and self.world > 1:
             self.train_model = dist.wrap(self.model)
+            if hasattr(model, "dropout_rows"):  # the global batch's dropout masks (model.py)
+                model.dropout_rows = (self.rank * self.local_batch, t.batch_size)
         if resume:
             self._load_checkpoint()
 
@@ -441,7 +444,8 @@ class Trainer:
             views=1,
             mode=self.mode,
             device=self.device,
-            limit=self.run.val_limit,
+            # Each rank evaluates its shard: the limit is shared out among the ranks.
+            limit=None if self.run.val_limit is None else -(-self.run.val_limit // self.world),
             dist=self.dist,
             progress=self.is_main and sys.stderr.isatty(),
         )
@@ -651,9 +655,17 @@ def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
     return profile, run, False
 
 
+def elastic_restart() -> bool:
+    """True in workers that torchrun started again after a failure."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
 def cmd_train(args) -> int:
     from alexnet import distributed
 
+    if not args.resume and elastic_restart() and args.out and (Path(args.out) / "state.pt").exists():
+        # torchrun restarted the workers after a failure (--max-restarts): continue the run.
+        args.resume = args.out
     profile, run, resume = config_from_args(args)
     with distributed.context(run.device, requested=args.distributed) as dist:
         trainer = Trainer(profile, run, resume=resume, dist=dist)

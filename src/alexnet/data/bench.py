@@ -1,0 +1,286 @@
+"""`alexnet bench data`: the training loader against the common baseline, on the same images.
+
+In a temporary directory: JPEGs of ImageNet-typical size (500x375 and 375x500, quality 90) cut
+with random offsets, scales and reflections from the real photos scikit-image ships; `alexnet
+prepare` of them into a store; then, with the same number of worker processes, the images/s of
+  - the loader: make_train_loader (random 224 crop, flip, PCA lighting, mean image subtracted,
+    float32 batches of 128 ready on the CPU), and
+  - the baseline: torchvision ImageFolder over the JPEGs with RandomCrop(224),
+    RandomHorizontalFlip, ToTensor, Normalize in a DataLoader (batch 128, shuffled).
+Both are timed in steady state: from the first batch of each epoch to its last, so worker
+start-up is left out of both alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
+
+
+def make_jpegs(root: Path, n: int, classes: int = 8, seed: int = 0) -> int:
+    """n JPEGs in root/<class>/ (an ImageFolder tree); returns their total bytes."""
+    import skimage.data
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    photos = [Image.fromarray(getattr(skimage.data, name)()) for name in PHOTOS]
+    total = 0
+    for k in range(classes):
+        (root / f"class{k}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = photos[i % len(photos)]
+        w, h = (500, 375) if rng.random() < 0.75 else (375, 500)
+        s = rng.uniform(0.6, 1.0) * min(img.width / w, img.height / h)
+        cw, ch = int(w * s), int(h * s)
+        x, y = int(rng.integers(0, img.width - cw + 1)), int(rng.integers(0, img.height - ch + 1))
+        out = img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BILINEAR)
+        if rng.random() < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        path = root / f"class{i % classes}" / f"img{i:05d}.jpg"
+        out.save(path, "JPEG", quality=90)
+        total += path.stat().st_size
+    return total
+
+
+def _children_memory_mb() -> dict[str, float]:
+    """Memory of this process's children (the loader workers), from /proc/<pid>/smaps_rollup:
+    private (their own) and proportional (shared pages divided among their users)."""
+    private = pss = 0
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                for pid in f.read().split():
+                    with open(f"/proc/{pid}/smaps_rollup") as st:
+                        for line in st:
+                            key, _, rest = line.partition(":")
+                            if key in ("Private_Clean", "Private_Dirty"):
+                                private += int(rest.split()[0])
+                            elif key == "Pss":
+                                pss += int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return {"workers_private_mb": private / 1024, "workers_pss_mb": pss / 1024}
+
+
+def _touch(x) -> None:
+    """Read one value in every 4 KiB page of a batch, as any consumer reads the whole batch:
+    a batch handed over in shared memory costs its page faults on first touch, and that is
+    part of delivering it."""
+    flat = x.reshape(-1)
+    float(flat[:: 4096 // flat.element_size()].sum())
+
+
+class _Meter:
+    """Wall time from the first batch of each epoch to its last (steady state), and CPU time
+    of the main process and its workers over whole epochs (the per-core cost; unlike wall
+    time it holds on a machine that other jobs share; it includes worker start-up)."""
+
+    def __init__(self):
+        self.timed = 0.0
+        self.images = 0  # in the timed part
+        self.all_images = 0
+        self.cpu = 0.0
+        self.mem: dict[str, float] = {}
+
+    def epoch(self, iterable, probe_memory: bool = False) -> None:
+        cpu0 = time.process_time()
+        ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        it = iter(iterable)
+        x, _y = next(it)
+        _touch(x)
+        self.all_images += len(x)
+        t0 = time.perf_counter()
+        n = 0
+        for k, (x, _y) in enumerate(it):
+            _touch(x)
+            n += len(x)
+            if k == 2 and probe_memory and not self.mem:
+                self.mem = _children_memory_mb()
+        self.timed += time.perf_counter() - t0
+        self.images += n
+        self.all_images += n
+        del it, x  # joins the workers, so that their CPU time is counted
+        ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.cpu += time.process_time() - cpu0
+        self.cpu += (ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.timed if self.timed else float("nan")
+
+    @property
+    def per_cpu_s(self) -> float:
+        return self.all_images / self.cpu if self.cpu else float("nan")
+
+
+def run_bench(
+    images: int,
+    workers: int,
+    encoding: str = "jpeg",
+    seed: int = 0,
+    min_seconds: float = 3.0,
+    log=print,
+) -> dict:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the consumer does nothing but take batches
+    try:
+        return _run_bench(images, workers, encoding, seed, min_seconds, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(images, workers, encoding, seed, min_seconds, log) -> dict:
+    import torchvision.transforms as T
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from alexnet.config import DataConfig
+    from alexnet.data import make_train_loader, prepare_store
+
+    batch = 128
+    with tempfile.TemporaryDirectory(prefix="alexnet-bench-") as tmp:
+        src = Path(tmp) / "jpegs"
+        t0 = time.perf_counter()
+        jpeg_bytes = make_jpegs(src, images, seed=seed)
+        log(
+            f"made {images} JPEGs ({jpeg_bytes / images / 1024:.0f} KiB each) in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+        t0 = time.perf_counter()
+        store = prepare_store(
+            src,
+            Path(tmp) / "store",
+            kind="folder",
+            val_fraction=0.05,
+            workers=workers,
+            encoding=encoding,
+            progress=False,
+            log=lambda *a: None,
+        )
+        prep_rate = images / (time.perf_counter() - t0)
+        data = DataConfig()  # the paper's views: crop 224, flip, PCA lighting, mean image
+
+        tf = T.Compose(
+            [
+                T.RandomCrop(224),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        )
+        folder = ImageFolder(str(src), transform=tf)
+        # Epochs of the two alternate, so that both see the same share of whatever else the
+        # machine is doing.
+        ours, base = _Meter(), _Meter()
+        rss0 = _rss_mb()
+        e = 0
+        while e < 2 or min(ours.timed, base.timed) < min_seconds:
+            loader = make_train_loader(store, data, batch, seed=seed, epoch=e, workers=workers)
+            ours.epoch(loader, probe_memory=True)
+            if e == 0:
+                main_rss = _rss_mb() - rss0
+            base.epoch(
+                DataLoader(
+                    folder, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True
+                )
+            )
+            e += 1
+            if e >= 20:
+                break
+        loader_rate, loader_cpu, mem = ours.rate, ours.per_cpu_s, ours.mem
+        base_rate, base_cpu = base.rate, base.per_cpu_s
+        log(
+            f"loader:   {loader_rate:8.0f} images/s with {workers} workers, "
+            f"{loader_cpu:.0f} images per CPU-second"
+        )
+        log(
+            f"baseline: {base_rate:8.0f} images/s with {workers} workers, "
+            f"{base_cpu:.0f} images per CPU-second"
+        )
+        per = max(1, workers)
+        result = {
+            "loader_images_per_s": round(loader_rate, 1),
+            "baseline_images_per_s": round(base_rate, 1),
+            "workers": workers,
+            "ratio": round(loader_rate / base_rate, 2),
+            "loader_images_per_s_per_worker": round(loader_rate / per, 1),
+            "loader_images_per_cpu_s": round(loader_cpu, 1),
+            "baseline_images_per_cpu_s": round(base_cpu, 1),
+            "ratio_per_cpu_s": round(loader_cpu / base_cpu, 2),
+            "baseline_images_per_s_per_worker": round(base_rate / per, 1),
+            "store_bytes_per_image": round(store.manifest["bytes_per_image"], 1),
+            "source_jpeg_bytes_per_image": round(jpeg_bytes / images, 1),
+            "encoding": encoding,
+            "images": images,
+            "batch_size": batch,
+            "prepare_images_per_s": round(prep_rate, 1),
+            "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "epochs": e,
+            "main_rss_growth_mb": round(main_rss, 1),
+            **{k: round(v, 1) for k, v in mem.items()},
+        }
+    return result
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--images", type=int, default=2048, help="JPEGs to make (default 2048)")
+    parser.add_argument("--workers", type=int, help="loader workers for both (default: cores)")
+    parser.add_argument(
+        "--encoding",
+        choices=("jpeg", "raw"),
+        default="jpeg",
+        help="store record encoding to measure (default jpeg)",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="time each side at least this long (default 3)"
+    )
+
+
+def run(args) -> int:
+    from alexnet.data.prepare import default_workers
+
+    if args.images < 512:
+        raise ValueError("--images must be at least 512 (four batches of 128 per epoch)")
+    workers = args.workers if args.workers is not None else default_workers()
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
+    result = run_bench(
+        args.images,
+        workers,
+        args.encoding,
+        min_seconds=args.seconds,
+        log=(lambda *a: None) if args.json else print,
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"ratio {result['ratio']:.2f}x (per CPU-second {result['ratio_per_cpu_s']:.2f}x); "
+            f"per worker: loader "
+            f"{result['loader_images_per_s_per_worker']:.0f}, baseline "
+            f"{result['baseline_images_per_s_per_worker']:.0f} images/s; store "
+            f"{result['store_bytes_per_image'] / 1024:.1f} KiB/image ({result['encoding']})"
+        )
+    return 0

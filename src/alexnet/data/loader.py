@@ -1,0 +1,279 @@
+"""The training and evaluation loaders over a prepared store.
+
+Workers produce whole batches (one `__getitem__` per batch, no per-sample collation): read the
+records (one pread each), decode them (libjpeg-turbo) or view the raw pixels, and cut the crops
+into a uint8 batch allocated directly in shared memory, so handing it over copies nothing. The
+float work (mean subtraction, lighting, scale) is done where the batch is used: on the GPU as
+batched tensor ops on the uint8 crops (4x fewer bytes to copy than float), on the CPU image by
+image in the consumer's process into recycled buffers (~0.1 ms per image; a float batch made in
+a worker would cost more in shared-memory page faults than the arithmetic itself).
+
+Sharding (DDP): the global batch b of an epoch is positions [b*B*W, (b+1)*B*W) of the epoch's
+permutation (B = batch_size per rank, W = world_size); rank r takes the contiguous slice
+[b*B*W + r*B, b*B*W + (r+1)*B). So N ranks see exactly the global batches that one rank with
+batch_size B*N sees, and the views (a function of seed, epoch, image) are the same too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from alexnet.config import DataConfig
+from alexnet.data.store import Store, decode_record
+from alexnet.data.views import ViewSpec, epoch_permutation
+
+
+def default_loader_workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(8, n - 1))
+
+
+def _shared_empty(shape, dtype) -> torch.Tensor:
+    """A tensor in shared memory when in a worker, so sending it to the main process is free
+    (the same allocation torch's default_collate makes)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    try:
+        numel = int(np.prod(shape))
+        storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+        return torch.empty(0, dtype=dtype).new(storage).view(shape)
+    except (AttributeError, RuntimeError):  # a torch without this private allocator
+        return torch.empty(shape, dtype=dtype).share_memory_()
+
+
+def _read_crops(store: Store, split: str, spec: ViewSpec, idx, ys, xs, flips, out) -> None:
+    """uint8 crops (n, C, c, c) of images idx into `out`."""
+    for k, buf in enumerate(store.records(split, idx)):
+        planar = decode_record(buf, store.encoding, store.channels, store.image_size)
+        spec.cut(planar, int(ys[k]), int(xs[k]), bool(flips[k]), out[k])
+
+
+class _TrainBatches(Dataset):
+    """Item j is global batch start_batch + j (this rank's shard of it), fully determined by
+    (seed, epoch, batch): the same whichever worker makes it."""
+
+    def __init__(
+        self,
+        store,
+        split,
+        spec,
+        batch_size,
+        seed,
+        epoch,
+        start_batch,
+        rank,
+        world,
+        num_batches: int,
+    ):
+        self.store, self.split, self.spec = store, split, spec
+        self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
+        self.start_batch, self.rank, self.world = start_batch, rank, world
+        self.num_batches = num_batches
+        self._perm = None
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start_batch
+
+    def positions(self, b: int) -> np.ndarray:
+        g = self.batch_size * self.world
+        start = b * g + self.rank * self.batch_size
+        return np.arange(start, start + self.batch_size)
+
+    def __getitem__(self, j: int):
+        if self._perm is None:
+            self._perm = epoch_permutation(self.store.size(self.split), self.seed, self.epoch)
+        pos = self.positions(self.start_batch + j)
+        idx = self._perm[pos]
+        labels = torch.from_numpy(self.store.labels(self.split)[idx].astype(np.int64))
+        ys, xs, flips, offsets = self.spec.train_params(self.seed, self.epoch, idx, pos)
+        c = self.spec.crop
+        u8 = _shared_empty((len(idx), self.store.channels, c, c), torch.uint8)
+        _read_crops(self.store, self.split, self.spec, idx, ys, xs, flips, u8.numpy())
+        return u8, labels, (ys, xs, flips, offsets)
+
+
+class _EvalBatches(Dataset):
+    """Item j is batch rank + j*world of the split in store order (the last may be short)."""
+
+    def __init__(self, store, split, spec, batch_size, views, rank, world):
+        self.store, self.split, self.spec = store, split, spec
+        self.batch_size, self.views = batch_size, views
+        self.rank, self.world = rank, world
+        n = store.size(split)
+        self.batches = list(range(rank, -(-n // batch_size), world))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, j: int):
+        b = self.batches[j]
+        n = self.store.size(self.split)
+        idx = np.arange(b * self.batch_size, min(n, (b + 1) * self.batch_size))
+        labels = torch.from_numpy(self.store.labels(self.split)[idx].astype(np.int64))
+        pos, fl = self.spec.eval_layout(self.views)
+        v, c = len(pos), self.spec.crop
+        ys = np.tile([p[0] for p in pos], len(idx))
+        xs = np.tile([p[1] for p in pos], len(idx))
+        flips = np.tile(fl, len(idx))
+        u8t = _shared_empty((len(idx) * v, self.store.channels, c, c), torch.uint8)
+        u8 = u8t.numpy()
+        st = self.store
+        for k, buf in enumerate(st.records(self.split, idx)):
+            planar = decode_record(buf, st.encoding, st.channels, st.image_size)
+            for t in range(v):
+                r = k * v + t
+                self.spec.cut(planar, int(ys[r]), int(xs[r]), bool(flips[r]), u8[r])
+        return u8t, labels, (ys, xs, flips, None)
+
+
+_POOL: list[np.ndarray] = []  # output arrays of the CPU path, shared by the loaders of a process
+
+
+def _buffer(shape) -> np.ndarray:
+    """A float32 output array, recycled once the consumer has dropped every tensor made from
+    it (its reference count says so), else new: no page faults in steady state, and at most
+    three batches' worth kept (one in use, one being made, one spare)."""
+    for a in _POOL:
+        if a.shape == shape and sys.getrefcount(a) <= 3:  # _POOL, `a`, getrefcount's argument
+            return a
+    a = np.empty(shape, np.float32)
+    _POOL.append(a)
+    if len(_POOL) > 3:
+        _POOL.pop(0)
+    return a
+
+
+def _as_is(batch):
+    """The batch exactly as the worker made it (the default would turn arrays into tensors)."""
+    return batch
+
+
+class _Loader:
+    """Iterates (images, labels) on `device`, from a batch dataset, in order."""
+
+    def __init__(self, dataset, spec, workers: int, device, views: int | None, length: int):
+        self.dataset, self.spec = dataset, spec
+        self.workers = workers
+        self.device = torch.device(device)
+        self.views = views
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _batches(self):
+        if self.workers == 0:
+            for j in range(len(self.dataset)):
+                yield self.dataset[j]
+            return
+        yield from DataLoader(
+            self.dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2,
+            persistent_workers=False,
+            collate_fn=_as_is,
+        )
+
+    def __iter__(self):
+        for u8, labels, (ys, xs, flips, offsets) in self._batches():
+            # The float work happens where the batch is used: on a GPU as batched tensor ops
+            # on the uint8 crops (4x fewer bytes to copy), on the CPU image by image.
+            if self.device.type == "cpu":
+                out = _buffer((u8.shape[0], 3, *u8.shape[2:]))
+                images = self.spec.finish(u8, ys, xs, flips, offsets, out=out)
+            else:
+                images = self.spec.finish(
+                    u8.to(self.device, non_blocking=True), ys, xs, flips, offsets
+                )
+            labels = labels.to(self.device, non_blocking=True)
+            if self.views == 10:
+                images = images.view(-1, 10, *images.shape[1:])
+            yield images, labels
+
+
+def _spec(store: Store, data: DataConfig, lighting: bool) -> ViewSpec:
+    return ViewSpec.build(data, store.stats, store.image_size, lighting=lighting)
+
+
+def make_train_loader(
+    store: Store,
+    data: DataConfig,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start_batch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int | None = None,
+    device="cpu",
+    lighting: bool = True,
+    split: str = "train",
+):
+    """Training batches of one epoch: (float32 (B, 3, c, c) on device, int64 (B,) labels).
+
+    len() is the number of batches in the epoch (drop_last over global batches of
+    batch_size * world_size); iteration yields batches start_batch .. len()-1, exactly those an
+    uninterrupted epoch would yield there. `lighting=False` turns PCA lighting off (cuda-convnet
+    switched colour noise off at epoch 67)."""
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
+    n = store.size(split)
+    num_batches = n // (batch_size * world_size)
+    if num_batches == 0:
+        raise ValueError(
+            f"the {split} split has {n} images, fewer than one global batch of "
+            f"{batch_size * world_size}"
+        )
+    if not 0 <= start_batch <= num_batches:
+        raise ValueError(f"start_batch {start_batch} outside 0..{num_batches}")
+    workers = default_loader_workers() if workers is None else workers
+    device = torch.device(device)
+    spec = _spec(store, data, lighting)
+    ds = _TrainBatches(
+        store,
+        split,
+        spec,
+        batch_size,
+        seed,
+        epoch,
+        start_batch,
+        rank,
+        world_size,
+        num_batches=num_batches,
+    )
+    return _Loader(ds, spec, workers, device, None, num_batches)
+
+
+def make_eval_loader(
+    store: Store,
+    data: DataConfig,
+    batch_size: int,
+    views: int = 1,
+    split: str = "val",
+    workers: int | None = None,
+    device="cpu",
+    rank: int = 0,
+    world_size: int = 1,
+):
+    """Every image of `split` exactly once, in store order (rank r of W gets batches r, r+W,
+    ...; the last batch may be short): images (B, 3, c, c) for views=1 (the centre crop) or
+    (B, 10, 3, c, c) for views=10 (ten_crop order), mean subtracted, no lighting."""
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
+    workers = default_loader_workers() if workers is None else workers
+    device = torch.device(device)
+    spec = _spec(store, data, lighting=False)
+    spec.eval_layout(views)  # validates views
+    ds = _EvalBatches(store, split, spec, batch_size, views, rank, world_size)
+    return _Loader(ds, spec, workers, device, views, len(ds))

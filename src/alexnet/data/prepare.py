@@ -1,0 +1,520 @@
+"""`alexnet prepare [SRC] OUT`: read an image source once, write a prepared store.
+
+The work is cut into chunks of consecutive items of a split. A worker process turns one chunk
+into one shard file (OUT/<split>/shard-NNNNN.bin) plus a small result file in OUT/.prepare/
+(record lengths, labels, skipped files, and the chunk's exact integer sums for the statistics),
+each written under a temporary name and renamed, so a chunk is either wholly done or not at all.
+A killed prepare therefore resumes at the first missing chunk. Only when every chunk is done are
+the index, the statistics and, last of all, manifest.json written: a store without a manifest
+is never mistaken for a complete one (open_store says it is incomplete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from alexnet.data import sources as src_mod
+from alexnet.data.images import UnreadableImage, paper_image
+from alexnet.data.store import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    WORK_DIR,
+    Store,
+    decode_record,
+    open_store,
+    shard_name,
+    stats_from_sums,
+)
+
+ENCODINGS = ("jpeg", "raw")
+DEFAULT_QUALITY = 90
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_chunk_size(n: int) -> int:
+    """Items per chunk: a function of the split size only (never of the worker count), so a
+    resumed prepare cuts the source exactly as the interrupted one did."""
+    return int(min(1024, max(32, -(-n // 64))))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+# --- one chunk (runs in a worker process) -------------------------------------------------------
+
+_G: dict = {}  # the source and parameters, inherited by forked workers
+
+
+def encode_item(data, params: dict) -> tuple[bytes, np.ndarray]:
+    """(record bytes, the stored planar pixels) of one item; UnreadableImage if unusable."""
+    size, gray = params["size"], params["channels"] == 1
+    pic = paper_image(data, size, gray=gray)  # Sec. 2: shorter side to S, central S x S
+    if params["encoding"] == "raw":
+        planar = np.ascontiguousarray(pic[None] if gray else pic.transpose(2, 0, 1))
+        return planar.tobytes(), planar
+    buf = io.BytesIO()
+    Image.fromarray(pic).save(buf, "JPEG", quality=params["jpeg_quality"])
+    rec = buf.getvalue()
+    # The statistics are those of the pixels the loader will see: the decoded record.
+    return rec, decode_record(rec, "jpeg", params["channels"], size)
+
+
+def do_chunk(task: tuple[str, int, int, int]) -> tuple[str, int, int, int]:
+    """Items start..end of a split into shard `chunk` and its result file."""
+    split, chunk, start, end = task
+    source: src_mod.Source = _G["source"]
+    params: dict = _G["params"]
+    out = Path(_G["out"])
+    sp = source.splits[split]
+    c, s = params["channels"], params["size"]
+    train = split == "train"
+    sum_image = np.zeros((c, s, s) if train else 0, dtype=np.uint32)
+    sum_xxT = np.zeros((c, c), dtype=np.float64)
+    records, lengths, labels, skipped = [], [], [], []
+    digest = hashlib.sha256()  # of the source bytes, unreadable files included
+    for j in range(start, end):
+        ref = sp.refs[j]
+        try:
+            data, name, raw = source.read(ref)
+        except OSError as e:  # vanished, unreadable, an I/O error: skip it, say why
+            skipped.append(f"{ref}: cannot read ({e.strerror or e})")
+            continue
+        digest.update(hashlib.sha256(raw).digest())
+        try:
+            rec, stored = encode_item(data, params)
+        except UnreadableImage as e:
+            skipped.append(f"{name}: {e}")
+            continue
+        except MemoryError:
+            raise
+        except Exception as e:  # a decoder tripping over a malformed file: skip it too
+            skipped.append(f"{name}: {type(e).__name__}: {e}".split("\n")[0])
+            continue
+        records.append(rec)
+        lengths.append(len(rec))
+        labels.append(int(sp.labels[j]))
+        if train:
+            # One streaming pass: exact integer sums (see store.stats_from_sums).
+            sum_image += stored
+            x = stored.reshape(c, -1).astype(np.float64)
+            sum_xxT += x @ x.T
+    _atomic_write(out / split / shard_name(chunk), b"".join(records))
+    _atomic_write(
+        out / WORK_DIR / f"{split}-{chunk:05d}.npz",
+        _npz_bytes(
+            lengths=np.asarray(lengths, dtype=np.int64),
+            labels=np.asarray(labels, dtype=np.int64),
+            sum_image=sum_image,
+            sum_xxT=sum_xxT,
+            skipped=np.asarray(json.dumps(skipped)),
+            digest=np.asarray(digest.hexdigest()),
+        ),
+    )
+    return split, chunk, end - start, len(skipped)
+
+
+def _init_worker(source, params, out) -> None:
+    _G.update(source=source, params=params, out=out)
+    import torch
+
+    torch.set_num_threads(1)
+
+
+# --- the whole job -----------------------------------------------------------------------------
+
+
+def _chunks(source: src_mod.Source, chunk_size: int | None):
+    for split, sp in source.splits.items():
+        n = len(sp.refs)
+        cs = chunk_size or default_chunk_size(n)
+        for k, start in enumerate(range(0, n, cs)):
+            yield split, k, start, min(n, start + cs)
+
+
+def _chunk_done(out: Path, split: str, chunk: int) -> bool:
+    res = out / WORK_DIR / f"{split}-{chunk:05d}.npz"
+    shard = out / split / shard_name(chunk)
+    if not (res.exists() and shard.exists()):
+        return False
+    try:
+        with np.load(res) as z:
+            return int(z["lengths"].sum()) == shard.stat().st_size
+    except Exception:  # a damaged result file: redo the chunk
+        return False
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_out(out: Path, params: dict) -> str:
+    """'new', 'resume' or 'done'; a clear error if OUT holds anything else."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {out} is a file, not a directory")
+    if (out / MANIFEST).exists():
+        try:
+            old = json.loads((out / MANIFEST).read_text()).get("params")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            old = None
+        if old == params:
+            return "done"
+        raise ValueError(
+            f"OUT {out} already holds a prepared store made differently "
+            f"({_differences(old, params)}); choose another OUT or delete it first"
+        )
+    state = out / WORK_DIR / "state.json"
+    if state.exists():
+        try:
+            old = json.loads(state.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old == params:
+            return "resume"
+        raise ValueError(
+            f"OUT {out} holds an interrupted prepare of something else "
+            f"({_differences(old, params)}): re-run that command to finish it, or choose "
+            "another OUT"
+        )
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(
+            f"OUT {out} is not empty and holds no store: choose an empty or new directory"
+        )
+    return "new"
+
+
+def _differences(old, new: dict) -> str:
+    if not isinstance(old, dict):
+        return "its parameters are unreadable"
+    keys = [k for k in new if old.get(k) != new.get(k)]
+    shown = [k for k in keys if k not in ("listing_sha256", "listed")]
+    if not shown:
+        return "the source's list of images has changed"
+    return "differs in " + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in shown[:4])
+
+
+def prepare_store(
+    src,
+    out,
+    kind: str | None = None,
+    size: int = 256,
+    workers: int | None = None,
+    val_fraction: float | None = None,
+    seed: int = 0,
+    encoding: str = "jpeg",
+    jpeg_quality: int = DEFAULT_QUALITY,
+    limit: int | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> Store:
+    """Prepare (or resume, or recognise as done) the store OUT from the source SRC."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown --encoding {encoding!r}; valid: {', '.join(ENCODINGS)}")
+    if size < 1:
+        raise ValueError(f"--size must be positive, got {size}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"--jpeg-quality must be 1..100, got {jpeg_quality}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {out} is a file, not a directory")
+    t0 = time.time()
+    source = src_mod.open_source(src, kind, val_fraction, seed)
+    if source.kind in ("folder", "imagenet") and out.resolve().is_relative_to(
+        Path(src).resolve()
+    ):  # its files would become part of the source's listing
+        raise ValueError(f"OUT {out} is inside SRC {src}: choose a directory outside the source")
+    log(f"{'detected' if kind is None else 'source'}: {source.description}")
+    if limit is not None:
+        for sp in source.splits.values():
+            sp.refs, sp.labels = sp.refs[:limit], sp.labels[:limit]
+    if not source.splits["train"].refs:
+        raise ValueError(f"{src} has no training images")
+    params = {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": str(Path(src).resolve()),
+        "kind": source.kind,
+        "size": int(size),
+        "channels": 1 if source.gray else 3,
+        "encoding": encoding,
+        "jpeg_quality": int(jpeg_quality) if encoding == "jpeg" else None,
+        "val_fraction": val_fraction,
+        "seed": int(seed),
+        "limit": limit,
+        "chunk_size": chunk_size,
+        "listing_sha256": source.listing_digest(),
+        "listed": {k: len(v.refs) for k, v in source.splits.items()},
+    }
+    state = _check_out(out, params)
+    if state == "done":
+        log(f"{out} already holds this store, complete: nothing to do")
+        return open_store(out)
+    work = out / WORK_DIR
+    for split in source.splits:
+        (out / split).mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    if state == "new":
+        _atomic_write(work / "state.json", json.dumps(params, indent=1).encode())
+    for d in [work, *(out / s for s in source.splits)]:  # leftovers of a killed write
+        for tmp in d.glob("*.tmp"):
+            tmp.unlink()
+
+    tasks = list(_chunks(source, chunk_size))
+    todo = [t for t in tasks if not _chunk_done(out, t[0], t[1])]
+    total = sum(t[3] - t[2] for t in tasks)
+    done_items = total - sum(t[3] - t[2] for t in todo)
+    if state == "resume":
+        log(f"resuming: {len(tasks) - len(todo)} of {len(tasks)} chunks already prepared")
+    workers = max(1, min(workers or default_workers(), len(todo) or 1))
+    log(f"preparing {total} images into {out} ({encoding}, {size}x{size}) with {workers} workers")
+    _run_chunks(source, params, out, todo, workers, total, done_items, progress)
+    store = _finish(source, params, out, tasks, time.time() - t0, log)
+    return store
+
+
+def _run_chunks(source, params, out, todo, workers, total, done_items, progress) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total,
+        initial=done_items,
+        unit="img",
+        disable=not progress,
+        smoothing=0.1,
+        file=sys.stderr,
+        desc="prepare",
+    )
+    skipped = 0
+    try:
+        if workers == 1:
+            _init_worker(source, params, str(out))
+            results = map(do_chunk, todo)
+            for _split, _chunk, n, k in results:
+                skipped += k
+                bar.update(n)
+                bar.set_postfix(skipped=skipped, refresh=False)
+        else:
+            ctx = mp.get_context("fork")
+            with ctx.Pool(workers, _init_worker, (source, params, str(out))) as pool:
+                for _split, _chunk, n, k in pool.imap_unordered(do_chunk, todo):
+                    skipped += k
+                    bar.update(n)
+                    bar.set_postfix(skipped=skipped, refresh=False)
+    finally:
+        bar.close()
+        _G.clear()
+
+
+def _finish(source, params, out: Path, tasks, elapsed: float, log) -> Store:
+    work = out / WORK_DIR
+    counts, skipped_counts, content, total_bytes = {}, {}, {}, {}
+    report: dict = {"skipped": {}, "empty_classes": {}}
+    sum_image = sum_xxT = None
+    for split in source.splits:
+        rows, labels, skipped = [], [], []
+        digest = hashlib.sha256()
+        for s, chunk, _a, _b in tasks:
+            if s != split:
+                continue
+            with np.load(work / f"{split}-{chunk:05d}.npz") as z:
+                lengths = z["lengths"]
+                offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+                rows.append(np.stack([np.full_like(lengths, chunk), offsets, lengths], axis=1))
+                labels.append(z["labels"])
+                skipped += json.loads(str(z["skipped"]))
+                digest.update(bytes.fromhex(str(z["digest"])))
+                if split == "train":
+                    si, sx = z["sum_image"].astype(np.float64), z["sum_xxT"]
+                    sum_image = si if sum_image is None else sum_image + si
+                    sum_xxT = sx if sum_xxT is None else sum_xxT + sx
+        index = np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)
+        lab = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        _atomic_write(out / split / "index.npy", _npy_bytes(index.astype(np.int64)))
+        _atomic_write(out / split / "labels.npy", _npy_bytes(lab.astype(np.int64)))
+        counts[split] = len(lab)
+        skipped_counts[split] = len(skipped)
+        total_bytes[split] = int(index[:, 2].sum())
+        content[split] = digest.hexdigest()
+        report["skipped"][split] = skipped
+        present = np.bincount(lab, minlength=len(source.classes))
+        listed = np.bincount(source.splits[split].labels, minlength=len(source.classes))
+        report["empty_classes"][split] = [
+            source.classes[k] for k in range(len(source.classes)) if listed[k] and not present[k]
+        ]
+    if counts["train"] == 0:
+        raise ValueError(
+            f"every training image of {params['source']} was unreadable "
+            f"(see {out / WORK_DIR}); nothing to prepare"
+        )
+    stats = stats_from_sums(sum_image, sum_xxT, counts["train"])
+    stats.save(out / "stats.npz.tmp.npz")
+    os.replace(out / "stats.npz.tmp.npz", out / "stats.npz")
+    _atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
+    n_all = sum(counts.values())
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": source.kind,
+        "classes": source.classes,
+        "class_names": source.class_names,
+        "splits": list(source.splits),
+        "counts": counts,
+        "skipped": skipped_counts,
+        "image_size": params["size"],
+        "channels": params["channels"],
+        "encoding": params["encoding"],
+        "jpeg_quality": params["jpeg_quality"],
+        "layout": "records: planar uint8 (C, S, S); <split>/index.npy: shard, offset, length",
+        "preprocessing": (
+            "EXIF orientation; RGB (grey replicated on load, alpha dropped, CMYK and 16-bit "
+            f"converted); shorter side rescaled to {params['size']} (bilinear), central "
+            f"{params['size']}x{params['size']} crop (Sec. 2)"
+        ),
+        "source": {
+            "path": params["source"],
+            "description": source.description,
+            "listing_sha256": params["listing_sha256"],
+            "content_sha256": content,
+            "files_sha256": {Path(f).name: _file_sha256(f) for f in source.files},
+        },
+        "stats": {
+            "images": stats.count,
+            "channel_mean": stats.channel_mean.tolist(),
+            "channel_std": stats.channel_std.tolist(),
+            "eigval": stats.eigval.tolist(),
+            "eigvec": stats.eigvec.tolist(),
+        },
+        "bytes": total_bytes,
+        "bytes_per_image": sum(total_bytes.values()) / max(1, n_all),
+        "params": params,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    # The manifest last, atomically: from here on the store is complete.
+    _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    shutil.rmtree(work, ignore_errors=True)
+    n_skip = sum(skipped_counts.values())
+    log(
+        f"prepared {out}: "
+        + ", ".join(f"{s} {counts[s]}" for s in source.splits)
+        + f" images, {manifest['bytes_per_image'] / 1024:.1f} KiB/image, {elapsed:.1f} s"
+    )
+    if n_skip:
+        log(f"skipped {n_skip} unreadable files; they are listed in {out / 'report.json'}")
+    for split, names in report["empty_classes"].items():
+        if names:
+            log(f"warning: no readable {split} image in classes {', '.join(names[:10])}")
+    return open_store(out)
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def run(args) -> int:
+    if args.src is None:
+        if args.kind not in (None, "fashion-mnist"):
+            raise ValueError(f"--kind {args.kind} needs SRC: alexnet prepare SRC OUT")
+        src, kind = src_mod.FASHION_MNIST_DIR, "fashion-mnist"
+    else:
+        src, kind = args.src, args.kind
+    if args.download:
+        if kind not in (None, "fashion-mnist"):
+            raise ValueError("--download is for --kind fashion-mnist only")
+        if src_mod._idx_file(Path(src), "train-images-idx3-ubyte") is None:
+            src_mod.download_fashion_mnist(Path(src))
+        kind = "fashion-mnist"
+    prepare_store(
+        src,
+        args.out,
+        kind=kind,
+        size=args.size,
+        workers=args.workers,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        encoding=args.encoding,
+        jpeg_quality=args.jpeg_quality,
+        limit=args.limit,
+        chunk_size=args.chunk_size,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="prepare an image dataset the paper's way into a fast store",
+        description=(
+            "Read SRC once (ImageNet, an image folder tree, Fashion-MNIST, CIFAR-10) and write "
+            "the store OUT: every image rescaled (shorter side to --size) and centre-cropped as "
+            "in Sec. 2 of the paper, plus the training-set statistics. Re-running a killed "
+            "prepare resumes it. With a single path, it is OUT and SRC is the Fashion-MNIST "
+            f"files in {src_mod.FASHION_MNIST_DIR}."
+        ),
+    )
+    p.add_argument(
+        "src",
+        nargs="?",
+        metavar="SRC",
+        help=f"the source (default: the Fashion-MNIST files in {src_mod.FASHION_MNIST_DIR})",
+    )
+    p.add_argument("out", metavar="OUT", help="the store to write (a new or empty directory)")
+    p.add_argument("--kind", choices=src_mod.KINDS, help="what SRC holds (default: detect it)")
+    p.add_argument("--size", type=int, default=256, help="stored image side (default 256)")
+    p.add_argument("--workers", type=int, help="processes (default: all cores)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        help="hold out this fraction of each class as val (default: the source's own val "
+        "split, else 0.1)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction split")
+    p.add_argument(
+        "--encoding",
+        choices=ENCODINGS,
+        default="jpeg",
+        help="record encoding: jpeg (default, ~10x smaller) or raw (uint8 pixels, fastest)",
+    )
+    p.add_argument("--jpeg-quality", type=int, default=DEFAULT_QUALITY, help="default 90")
+    p.add_argument("--limit", type=int, help="at most this many images per split (quick trials)")
+    p.add_argument("--chunk-size", type=int, help="images per shard (default: from the size)")
+    p.add_argument("--download", action="store_true", help="fetch Fashion-MNIST (internet)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)

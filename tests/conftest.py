@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny prepared store built from generated images (session-scoped)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnet.cli import main as cli_main
+
+
+def make_image_tree(root: Path, classes=("circle", "square", "stripes"), per_class=12, seed=0):
+    """An ImageFolder tree (train/<class>, val/<class>) of small, learnable, coloured pictures."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:80, 0:96]
+    for split, n in (("train", per_class), ("val", max(2, per_class // 3))):
+        for ci, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (80, 96, 3)).astype(np.float64)
+                cy, cx = rng.integers(25, 55), rng.integers(25, 70)
+                if ci == 0:
+                    mask = (yy - cy) ** 2 + (xx - cx) ** 2 < 18**2
+                elif ci == 1:
+                    mask = (abs(yy - cy) < 15) & (abs(xx - cx) < 15)
+                else:
+                    mask = (xx // 8) % 2 == 0
+                img[mask] += np.array([200, 120 + 40 * ci, 60 * ci])[None, :] * rng.uniform(0.8, 1)
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    """A prepared store: 3 classes, 36 train and 12 val images, 256x256 as the paper."""
+    root = tmp_path_factory.mktemp("tiny")
+    make_image_tree(root / "src")
+    store = root / "store"
+    rc = cli_main(["prepare", str(root / "src"), str(store), "--kind", "folder", "--workers", "1"])
+    assert rc == 0
+    return store
+
+
+# The reference training run: 36 train images / batch 8 = 4 steps per epoch; 2 epochs = 8 steps.
+TRAIN_ARGS = [
+    "--profile", "paper", "--epochs", "2", "--batch-size", "8", "--seed", "3", "--no-fast",
+    "--log-every", "1", "--val-limit", "6", "--workers", "0", "--set", "train.lr=0.001",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_store, tmp_path_factory):
+    """The uninterrupted one-process run that resumed and data-parallel runs must match."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert cli_main(["train", "--data", str(tiny_store), "--out", str(out), *TRAIN_ARGS]) == 0
+    return out

@@ -1,0 +1,59 @@
+"""Data parallel training (torchrun, gloo on 2 CPU processes) against the one-process run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import TRAIN_ARGS
+from test_train import steps_logged, weights
+
+from alexnet.cli import main as cli_main
+
+
+def torchrun(nproc: int, args: list[str], **popen) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "alexnet", "train", *args]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)  # fmt: skip
+
+
+def assert_same_weights(a, b, rtol=1e-4):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        scale = wa[k].abs().max().item() or 1.0
+        torch.testing.assert_close(wb[k], wa[k], rtol=rtol, atol=rtol * scale, msg=k)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(reference_run, tiny_store, tmp_path):
+    out = tmp_path / "ddp"
+    proc = torchrun(2, ["--data", str(tiny_store), "--out", str(out), *TRAIN_ARGS])
+    text, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, text
+    # The global batch (8) is split 4 + 4; the dropout masks are the global batch's (model.py).
+    assert_same_weights(reference_run, out)
+
+
+@pytest.mark.slow
+def test_two_ranks_killed_then_resumed_on_one_rank(reference_run, tiny_store, tmp_path):
+    out = tmp_path / "ddp-killed"
+    args = ["--data", str(tiny_store), "--out", str(out), *TRAIN_ARGS, "--checkpoint-every", "2"]
+    proc = torchrun(2, args, start_new_session=True)
+    t0 = time.time()
+    while steps_logged(out) < 5:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() - t0 < 400, "timed out"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, at once
+    proc.wait()
+    # Resume with a different number of ranks: one process continues the same run.
+    assert cli_main(["train", "--resume", str(out)]) == 0
+    assert_same_weights(reference_run, out)
