@@ -23,7 +23,7 @@ from torch import nn
 from alexnet.config import TrainConfig
 
 OPTIMIZERS = ("paper-sgd", "sgd")
-SCHEDULES = ("plateau", "steps")
+SCHEDULES = ("plateau", "steps", "linear")
 CONV1_GROUPS = ("conv1.weight", "conv1.bias")
 
 
@@ -200,6 +200,8 @@ class LRSchedule:
       have lr 0;
     - "steps" (cuda-convnet, Caffe, torchvision): the drops so far are the milestones
       m * epoch_scale <= epoch;
+    - "linear" (the demo recipe, not in the paper): lr falls linearly from train.lr after the
+      warm-up to 0 at train.epochs, for runs too short for any plateau;
     - "plateau" (the paper, Sec. 5: "divided the learning rate by 10 when the validation error
       rate stopped improving with the current learning rate ... reduced three times"), made
       precise here. `on_validation(epoch, top1_error)` is called after each validation, with
@@ -260,6 +262,8 @@ class LRSchedule:
 
     def lr_mult(self, epoch: float) -> float:
         """Multiplier of train.lr at `epoch`: warm-up times 0.1 per drop so far."""
+        if self.train.schedule == "linear":  # the demo recipe: decay linearly to 0 at the end
+            return self.warmup(epoch) * max(0.0, 1.0 - epoch / self.train.epochs)
         drops = sum(1 for d in self._drop_epochs() if d <= epoch)
         return self.warmup(epoch) * 0.1**drops
 

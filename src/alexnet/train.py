@@ -45,7 +45,7 @@ from alexnet.config import (
 )
 from alexnet.model import build_model
 from alexnet.optim import LRSchedule, make_optimizer
-from alexnet.speed import FastMode, autocast, default_fast_mode, prepare_model
+from alexnet.speed import FastMode, autocast, default_fast_mode, maybe_compile, prepare_model
 
 RUN_FORMAT = "alexnet-run/1"
 
@@ -212,7 +212,7 @@ class Trainer:
         torch.manual_seed(run.seed)
         model = build_model(profile, num_classes=self.num_classes, devices=[self.device])
         self.mode = self._fast_mode()
-        self.model = prepare_model(model, self.mode)
+        self.model = prepare_model(model, self.mode)  # the plain module: state_dict, eval
         self.optimizer = make_optimizer(self.model, t)
         self.steps_per_epoch = self.store.size("train") // t.batch_size
         if self.steps_per_epoch < 1:
@@ -226,11 +226,12 @@ class Trainer:
         self.schedule = LRSchedule(t, self.steps_per_epoch, epoch_scale=t.epochs / base_epochs)
         self.pos = Position()
         self.history: list[dict[str, Any]] = []
-        self.train_model = self.model
+        self.train_model = self.model  # what the training step calls: DDP and compiled wrappers
         if dist is not None and self.world > 1:
             self.train_model = dist.wrap(self.model)
             if hasattr(model, "dropout_rows"):  # the global batch's dropout masks (model.py)
                 model.dropout_rows = (self.rank * self.local_batch, t.batch_size)
+        self.train_model = maybe_compile(self.train_model, self.mode)
         if resume:
             self._load_checkpoint()
 
@@ -663,7 +664,12 @@ def elastic_restart() -> bool:
 def cmd_train(args) -> int:
     from alexnet import distributed
 
-    if not args.resume and elastic_restart() and args.out and (Path(args.out) / "state.pt").exists():
+    if (
+        not args.resume
+        and elastic_restart()
+        and args.out
+        and (Path(args.out) / "state.pt").exists()
+    ):
         # torchrun restarted the workers after a failure (--max-restarts): continue the run.
         args.resume = args.out
     profile, run, resume = config_from_args(args)
