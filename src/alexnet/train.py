@@ -214,7 +214,10 @@ class Trainer:
         self.mode = self._fast_mode()
         self.model = prepare_model(model, self.mode)  # the plain module: state_dict, eval
         self.optimizer = make_optimizer(self.model, t)
-        self.steps_per_epoch = self.store.size("train") // t.batch_size
+        epoch_images = self.store.size("train")
+        if t.epoch_images is not None:  # a budget: the first N images of each epoch's order
+            epoch_images = min(epoch_images, t.epoch_images)
+        self.steps_per_epoch = epoch_images // t.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(
                 f"the train split has {self.store.size('train')} images, fewer than one batch "
