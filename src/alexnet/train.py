@@ -294,7 +294,11 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         path = self.out / "state.pt"
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+            # Killed before its first checkpoint: the run starts over, with its own config.
+            if self.is_main:
+                print(f"{path}: no checkpoint yet; starting the run over", file=sys.stderr)
+                self._truncate_metrics()
+            return
         state = checkpoint.load_state(path, map_location="cpu")
         if state.get("format") != RUN_FORMAT:
             raise ValueError(f"{path}: not a checkpoint of this program ({state.get('format')!r})")
@@ -305,6 +309,7 @@ class Trainer:
         self.history = json.loads(state["history"])
         checkpoint.restore_rng_state(state["rng"])
         if self.is_main:
+            self._truncate_metrics()
             print(
                 f"resuming {self.out} at epoch {self.pos.epoch + 1}, batch {self.pos.batch}, "
                 f"step {self.pos.step}",
@@ -420,6 +425,22 @@ class Trainer:
                 f"{rate:.1f} img/s",
                 flush=True,
             )
+
+    def _truncate_metrics(self) -> None:
+        """Drop what was logged after the checkpoint being resumed: it will run again."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+
+        def before(r: dict) -> bool:
+            if r["kind"] == "epoch":
+                return r["epoch"] <= self.pos.epoch  # pos.epoch: epochs completed
+            return r["step"] <= self.pos.step
+
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if before(json.loads(line))]
+        text = "".join(line + "\n" for line in keep)
+        checkpoint.atomic_write(path, lambda f: f.write(text.encode()))
 
     def _append_metrics(self, rec: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -616,7 +637,8 @@ def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
             raise ValueError(f"{cfg_path}: not a run of this program")
         profile = profile_from_dict(saved["profile"])
         run = RunConfig(**saved["run"])
-        changes = {"out": str(out)}
+        # --max-steps belongs to one invocation, not to the run: a resumed run goes on to its end.
+        changes = {"out": str(out), "max_steps": args.max_steps}
         for flag, field in (("device", "device"), ("workers", "workers")):
             v = getattr(args, flag)
             if v is not None and v != "auto":

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from alexnet.data import sources as src_mod
@@ -334,12 +335,17 @@ def _run_chunks(source, params, out, todo, workers, total, done_items, progress)
     skipped = 0
     try:
         if workers == 1:
-            _init_worker(source, params, str(out))
-            results = map(do_chunk, todo)
-            for _split, _chunk, n, k in results:
-                skipped += k
-                bar.update(n)
-                bar.set_postfix(skipped=skipped, refresh=False)
+            # In this process: the worker set-up limits torch to one thread; give the caller
+            # (a training run in the same process, say) its threads back afterwards.
+            threads = torch.get_num_threads()
+            try:
+                _init_worker(source, params, str(out))
+                for _split, _chunk, n, k in map(do_chunk, todo):
+                    skipped += k
+                    bar.update(n)
+                    bar.set_postfix(skipped=skipped, refresh=False)
+            finally:
+                torch.set_num_threads(threads)
         else:
             ctx = mp.get_context("fork")
             with ctx.Pool(workers, _init_worker, (source, params, str(out))) as pool:
