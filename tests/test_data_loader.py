@@ -176,15 +176,19 @@ def test_eval_loader_order_views_and_shards(store):
     for i in (0, 5):
         expect = ten_crop(torch.from_numpy(diffs[i]), C).numpy()
         np.testing.assert_allclose(ten[i // 4][0][i % 4].numpy(), expect, atol=1e-3)
-    # ranks: batches r, r + W, ...; together every image exactly once
+    # ranks: rank r takes the r-th contiguous block; together every image exactly once, in order
     parts = [
         list(make_eval_loader(store, DATA, 2, rank=r, world_size=2, workers=w))
         for r, w in ((0, 0), (1, 2))
     ]
-    labels = [y for p in parts for _, y in p]
-    assert sum(len(y) for y in labels) == n
-    firsts = sorted(float(xb[0, 0, 0, 0]) for p in parts for xb, _ in p)
-    assert firsts == sorted(float(x[k, 0, 0, 0]) for k in range(0, n, 2))
+    assert [len(y) for p in parts for _, y in p] == [2, 1, 2, 1]  # 3 images each
+    joined = torch.cat([xb for p in parts for xb, _ in p]).numpy()
+    np.testing.assert_array_equal(joined, x)
+    # limit: the first N images only, shared out among the ranks
+    lim = [list(make_eval_loader(store, DATA, 8, rank=r, world_size=2, limit=5, workers=0))
+           for r in (0, 1)]  # fmt: skip
+    assert [len(y) for p in lim for _, y in p] == [2, 3]
+    np.testing.assert_array_equal(torch.cat([xb for p in lim for xb, _ in p]).numpy(), x[:5])
 
 
 def test_finish_on_a_gpu_is_the_same_arithmetic(store):

@@ -10,10 +10,11 @@ import time
 
 import pytest
 import torch
-from conftest import TRAIN_ARGS
-from test_train import steps_logged, weights
 
 from alexnet.cli import main as cli_main
+from alexnet.model import build_model
+from conftest import TRAIN_ARGS
+from test_train import steps_logged, weights
 
 
 def torchrun(nproc: int, args: list[str], **popen) -> subprocess.Popen:
@@ -24,12 +25,18 @@ def torchrun(nproc: int, args: list[str], **popen) -> subprocess.Popen:
                             text=True, **popen)  # fmt: skip
 
 
-def assert_same_weights(a, b, rtol=1e-4):
+def assert_same_weights(a, b, seed=3, num_classes=3):
+    """The runs agree to a small fraction of what training changed: float summation order
+    (half batches, other thread counts) is the only difference allowed. A wrong shard, a lost
+    or doubled gradient would differ by the order of the change itself."""
+    torch.manual_seed(seed)
+    init = build_model("paper", num_classes=num_classes).state_dict()
     wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
+    assert wa.keys() == wb.keys() == init.keys()
     for k in wa:
-        scale = wa[k].abs().max().item() or 1.0
-        torch.testing.assert_close(wb[k], wa[k], rtol=rtol, atol=rtol * scale, msg=k)
+        trained = (wa[k] - init[k]).abs().max().item()
+        assert trained > 0, k
+        assert (wb[k] - wa[k]).abs().max().item() <= 0.03 * trained, k
 
 
 @pytest.mark.slow

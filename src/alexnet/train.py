@@ -369,7 +369,11 @@ class Trainer:
             if log_now or interrupt.requested:
                 self._check_finite(losses)
                 rate = seen / (time.perf_counter() - t0)
-                mean_loss = float(torch.stack([v for _, v in losses]).float().mean())
+                mean_loss = torch.stack([v for _, v in losses]).float().mean()
+                if log_now and self.dist is not None and self.world > 1:
+                    # Every rank logs at the same steps: the mean over the global batch.
+                    mean_loss = self.dist.all_reduce_sum(mean_loss.detach().cpu()) / self.world
+                mean_loss = float(mean_loss)
                 self._log_step(mean_loss, lr, rate, bar)
                 losses.clear()
             if self.run.checkpoint_every and self.pos.step % self.run.checkpoint_every == 0:
@@ -462,6 +466,7 @@ class Trainer:
             device=self.device,
             rank=self.rank,
             world_size=self.world,
+            limit=self.run.val_limit,  # the first N images, shared out among the ranks
         )
         return evaluate_model(
             self.model,
@@ -469,8 +474,6 @@ class Trainer:
             views=1,
             mode=self.mode,
             device=self.device,
-            # Each rank evaluates its shard: the limit is shared out among the ranks.
-            limit=None if self.run.val_limit is None else -(-self.run.val_limit // self.world),
             dist=self.dist,
             progress=self.is_main and sys.stderr.isatty(),
         )

@@ -101,22 +101,24 @@ class _TrainBatches(Dataset):
 
 
 class _EvalBatches(Dataset):
-    """Item j is batch rank + j*world of the split in store order (the last may be short)."""
+    """Rank r of W takes the r-th of W contiguous, equal (+-1) blocks of the first `limit`
+    images in store order, in batches (the last may be short): the ranks share the work evenly
+    whatever the batch size."""
 
-    def __init__(self, store, split, spec, batch_size, views, rank, world):
+    def __init__(self, store, split, spec, batch_size, views, rank, world, limit=None):
         self.store, self.split, self.spec = store, split, spec
         self.batch_size, self.views = batch_size, views
         self.rank, self.world = rank, world
-        n = store.size(split)
-        self.batches = list(range(rank, -(-n // batch_size), world))
+        n = store.size(split) if limit is None else min(int(limit), store.size(split))
+        self.lo, self.hi = rank * n // world, (rank + 1) * n // world
+        self.starts = list(range(self.lo, self.hi, batch_size))
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.starts)
 
     def __getitem__(self, j: int):
-        b = self.batches[j]
-        n = self.store.size(self.split)
-        idx = np.arange(b * self.batch_size, min(n, (b + 1) * self.batch_size))
+        s = self.starts[j]
+        idx = np.arange(s, min(self.hi, s + self.batch_size))
         labels = torch.from_numpy(self.store.labels(self.split)[idx].astype(np.int64))
         pos, fl = self.spec.eval_layout(self.views)
         v, c = len(pos), self.spec.crop
@@ -265,15 +267,17 @@ def make_eval_loader(
     device="cpu",
     rank: int = 0,
     world_size: int = 1,
+    limit: int | None = None,
 ):
-    """Every image of `split` exactly once, in store order (rank r of W gets batches r, r+W,
-    ...; the last batch may be short): images (B, 3, c, c) for views=1 (the centre crop) or
-    (B, 10, 3, c, c) for views=10 (ten_crop order), mean subtracted, no lighting."""
+    """Every image of `split` (or of its first `limit`) exactly once, in store order (rank r of
+    W gets the r-th of W contiguous blocks; the last batch may be short): images (B, 3, c, c)
+    for views=1 (the centre crop) or (B, 10, 3, c, c) for views=10 (ten_crop order), mean
+    subtracted, no lighting."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
     workers = default_loader_workers() if workers is None else workers
     device = torch.device(device)
     spec = _spec(store, data, lighting=False)
     spec.eval_layout(views)  # validates views
-    ds = _EvalBatches(store, split, spec, batch_size, views, rank, world_size)
+    ds = _EvalBatches(store, split, spec, batch_size, views, rank, world_size, limit)
     return _Loader(ds, spec, workers, device, views, len(ds))
