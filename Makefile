@@ -28,8 +28,8 @@ demo: setup
 	$(BIN)/alexnet demo --out $(DEMO_DIR) --store $(DEMO_STORE)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff format --check src tests
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
 
 format: $(VENV)/.installed
 	$(BIN)/ruff format src tests
