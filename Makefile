@@ -32,8 +32,8 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests bench
 
 format: $(VENV)/.installed
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
 
 test: setup lint
 	$(BIN)/python -m pytest -q

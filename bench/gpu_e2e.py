@@ -219,7 +219,7 @@ def main():
     print(
         f"\n| loop | images/s | GPU busy % |\n|---|---|---|\n"
         f"| ours: store + paper net, {mode} | {r_ours:.0f} | {u_ours} |\n"
-        f"| torchvision reference-style: ImageFolder JPEG + alexnet fp32 | {r_base:.0f} | {u_base} |\n"
+        f"| torchvision reference loop: ImageFolder JPEG, fp32 | {r_base:.0f} | {u_base} |\n"
         f"ratio {r_ours / r_base:.2f}x"
     )
     print(json.dumps(result))
