@@ -1,0 +1,714 @@
+"""`alexnet figure1`: Figure 1 of the paper, ReLU versus tanh.
+
+The paper (Sec. 3.1, Figure 1): "A four-layer convolutional neural network with ReLUs (solid
+line) reaches a 25% training error rate on CIFAR-10 six times faster than an equivalent network
+with tanh neurons (dashed line). The learning rates for each network were chosen independently
+to make training as fast as possible. No regularization of any kind was employed."
+
+The net (`FourLayerNet`) follows cuda-convnet's small CIFAR-10 example net (example-layers/
+layers-80sec.cfg, the 2011 code the paper's Figure 1 came from): three 5x5 convolutions with 32,
+32 and 64 kernels (padding 2), each followed by the activation and a 3x3 stride-2 pooling (max
+after conv1, average after conv2 and conv3, output sizes rounded up as cuda-convnet does), then
+one fully connected layer to the 10 classes and the softmax: four weighted layers. No
+normalisation, no dropout, no weight decay, no data augmentation ("no regularization of any kind").
+Both nets start from the same weights (PyTorch's default initialisation, same seed) and see
+the same batches in the same order; only the activation and the learning rate differ.
+
+Training: plain SGD with momentum 0.9 (Sec. 5), batch 128 (Sec. 5), cross-entropy. The training
+error plotted is the one the 2012 code printed while training: the error of the net's own
+predictions on the batches it was being trained on, averaged over a window of 1/P of an epoch
+(P = --points-per-epoch), so that the curve costs nothing extra and shows sub-epoch progress.
+"Epochs to threshold" is the end of the first window whose training error is at most the
+threshold (default 0.25, the paper's); "seconds" is the training wall time up to that point.
+
+Learning rates: each activation gets the rate from --lr-grid whose seed-0 run has the lowest
+mean training error over the run (the area under its curve: the fastest learner over the whole
+budget; a single threshold crossing of a noisy curve is a worse criterion), the paper's "chosen
+independently to make training as fast as possible"; or fixed values with --lr-relu /
+--lr-tanh. The seed-0 run of the chosen rate is reused, not rerun.
+
+The ratio is tanh's mean epochs (seconds) to the threshold over ReLU's. When some seeds of one
+net never reach the threshold, their budget stands in for the missing value and the ratio is a
+bound: "at least" if tanh fell short, "at most" if ReLU did (none if both did).
+
+Data: CIFAR-10 from its python batches (--data DIR) or, by default, Fashion-MNIST read straight
+from the IDX files (28x28 grey images zero-padded to 32x32, one input channel). Pixels are
+scaled by the training set's per-pixel mean image (Sec. 2: "subtracting the mean activity") and
+its overall standard deviation. On Fashion-MNIST both nets pass 25% training error within the
+first epoch, so the ratio is measured at sub-epoch resolution; --threshold changes the target.
+
+Every finished run is cached in OUT/runs/*.json (keyed by everything that defines it): an
+interrupted figure1 resumes where it stopped and a rerun only redraws the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import math
+import pickle
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet.experiments.common import (
+    markdown_table,
+    progress,
+    read_json,
+    save_figure,
+    write_json,
+    write_text,
+)
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+ACTIVATIONS = ("relu", "tanh")
+PAPER_RATIO = 6.0  # Figure 1: ReLU reaches 25% training error six times faster on CIFAR-10
+PAPER_THRESHOLD = 0.25  # Figure 1: "reaches a 25% training error rate"
+
+# Learning-rate grids searched per activation (seed 0). Quick: three rates a factor ~3 apart.
+QUICK_LR_GRID = (0.01, 0.03, 0.1)
+FULL_LR_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
+QUICK = dict(epochs=3, seeds=2, train_images=4000, points_per_epoch=8)
+FULL = dict(epochs=40, seeds=3, train_images=None, points_per_epoch=5)
+
+
+# --- data ------------------------------------------------------------------------------------
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (gzipped or not) as a uint8 array (the MNIST/Fashion-MNIST format)."""
+    path = Path(path)
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: truncated IDX file")
+    return body.reshape(shape)
+
+
+def _idx(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(
+        f"{root}: no Fashion-MNIST file {stem}(.gz); install Debian's dataset-fashion-mnist "
+        "or give CIFAR-10 with --data"
+    )
+
+
+def load_fashion_mnist(root: str | Path = FASHION_MNIST) -> tuple[np.ndarray, np.ndarray]:
+    """The 60,000 training images, zero-padded from 28x28 to 32x32: uint8 (N, 1, 32, 32)."""
+    root = Path(root)
+    images = read_idx(_idx(root, "train-images-idx3-ubyte"))
+    labels = read_idx(_idx(root, "train-labels-idx1-ubyte")).astype(np.int64)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise ValueError(f"{root}: the training images and labels do not match")
+    # Pad to the CIFAR-10 size so that one net serves both datasets (as LeNet padded MNIST).
+    images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[:, None]
+    return images, labels
+
+
+def cifar10_dir(root: str | Path) -> Path | None:
+    root = Path(root)
+    for d in (root, root / "cifar-10-batches-py"):
+        if (d / "data_batch_1").is_file():
+            return d
+    return None
+
+
+def load_cifar10(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The 50,000 CIFAR-10 training images from the python batches: uint8 (N, 3, 32, 32)."""
+    d = cifar10_dir(root)
+    if d is None:
+        raise FileNotFoundError(
+            f"{root}: no CIFAR-10 python batches (data_batch_1..5, from cifar-10-python.tar.gz)"
+        )
+    images, labels = [], []
+    for k in range(1, 6):
+        path = d / f"data_batch_{k}"
+        if not path.is_file():
+            raise FileNotFoundError(f"{d}: the CIFAR-10 batch data_batch_{k} is missing")
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")  # the format CIFAR-10 ships in
+            # Each row: 1024 red, then 1024 green, then 1024 blue values, row-major 32x32.
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+            raise ValueError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def normalise(images: np.ndarray) -> torch.Tensor:
+    """float32 (N, C, 32, 32): minus the per-pixel mean image (Sec. 2), over the overall std."""
+    x = images.astype(np.float32)
+    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    x -= mean
+    x /= max(float(x.std(dtype=np.float64)), 1e-6)
+    return torch.from_numpy(x)
+
+
+# --- the net ---------------------------------------------------------------------------------
+class FourLayerNet(nn.Module):
+    """cuda-convnet's layers-80sec.cfg CIFAR-10 net without its (absent) regularisers:
+    conv 5x5x32 - max-pool 3/2 - conv 5x5x32 - avg-pool 3/2 - conv 5x5x64 - avg-pool 3/2 - fc.
+    The activation follows every convolution; 32 -> 16 -> 8 -> 4 spatially (pool outputs are
+    rounded up as in cuda-convnet), so the fc layer sees 64*4*4 = 1024 inputs."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, activation: str = "relu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {list(ACTIVATIONS)}")
+        self.activation = activation
+        self.conv1 = nn.Conv2d(in_channels, 32, 5, padding=2)
+        self.conv2 = nn.Conv2d(32, 32, 5, padding=2)
+        self.conv3 = nn.Conv2d(32, 64, 5, padding=2)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.pool2 = nn.AvgPool2d(3, 2, ceil_mode=True)
+        self.pool3 = nn.AvgPool2d(3, 2, ceil_mode=True)
+        self.fc = nn.Linear(64 * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = torch.relu if self.activation == "relu" else torch.tanh  # Sec. 3.1
+        x = self.pool1(act(self.conv1(x)))
+        x = self.pool2(act(self.conv2(x)))
+        x = self.pool3(act(self.conv3(x)))
+        return self.fc(x.flatten(1))
+
+
+# --- one training run ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines one training run (its cache key)."""
+
+    dataset: str
+    train_images: int
+    activation: str
+    lr: float
+    seed: int
+    epochs: int
+    batch_size: int
+    points_per_epoch: int
+    momentum: float = 0.9  # Sec. 5
+
+    def name(self) -> str:
+        return f"{self.activation}-lr{self.lr:g}-seed{self.seed}"
+
+
+def train_run(
+    spec: RunSpec,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: str | torch.device = "cpu",
+    bar=None,
+) -> dict[str, Any]:
+    """Train one net; the training error over each window of 1/P epoch (see module doc).
+
+    Returns {"epochs": [...], "errors": [...], "seconds": [...], "diverged": bool, ...}: point k
+    ends after window k; `seconds` counts training time only.
+    """
+    device = torch.device(device)
+    n = len(y)
+    steps_per_epoch = n // spec.batch_size
+    if steps_per_epoch < spec.points_per_epoch:
+        raise ValueError(
+            f"{n} training images make {steps_per_epoch} batches of {spec.batch_size} per epoch, "
+            f"fewer than --points-per-epoch {spec.points_per_epoch}"
+        )
+    # Window boundaries (in batches) within an epoch: P near-equal windows.
+    bounds = [
+        round(steps_per_epoch * (k + 1) / spec.points_per_epoch)
+        for k in range(spec.points_per_epoch)
+    ]
+    torch.manual_seed(spec.seed)  # the same initial weights for ReLU and tanh
+    in_channels = x.shape[1]
+    model = FourLayerNet(in_channels, int(y.max()) + 1, spec.activation).to(device)
+    # Sec. 5: momentum 0.9; no weight decay here (Figure 1: "no regularization of any kind").
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
+    order_gen = torch.Generator().manual_seed(1000 + spec.seed)  # the same batches for both
+    epochs_at, errors, seconds = [], [], []
+    elapsed, diverged, done = 0.0, False, 0
+    x, y = x.to(device), y.to(device)
+    for epoch in range(spec.epochs):
+        perm = torch.randperm(n, generator=order_gen).to(device)
+        wrong = torch.zeros((), dtype=torch.long, device=device)
+        seen, window = 0, 0
+        t0 = time.perf_counter()
+        for b in range(steps_per_epoch):
+            idx = perm[b * spec.batch_size : (b + 1) * spec.batch_size]
+            xb, yb = x[idx], y[idx]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            # The net's predictions on its training batch, before this step's update.
+            wrong += (logits.detach().argmax(1) != yb).sum()
+            seen += len(yb)
+            done += 1
+            if bar is not None:
+                bar.update(1)
+            if b + 1 == bounds[window]:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed += time.perf_counter() - t0
+                err = float(wrong) / seen
+                if not math.isfinite(float(loss.detach())):
+                    diverged = True
+                epochs_at.append(round(epoch + bounds[window] / steps_per_epoch, 6))
+                errors.append(None if diverged else err)
+                seconds.append(elapsed)
+                wrong.zero_()
+                seen, window = 0, window + 1
+                t0 = time.perf_counter()
+                if diverged:
+                    break
+        if diverged:
+            if bar is not None:  # move the bar past the rest of the run
+                bar.update(spec.epochs * steps_per_epoch - done)
+            break
+    return {
+        "spec": asdict(spec),
+        "epochs": epochs_at,
+        "errors": errors,
+        "seconds": seconds,
+        "diverged": diverged,
+        "steps_per_epoch": steps_per_epoch,
+        "device": str(device),
+    }
+
+
+def first_crossing(xs: list[float], errors: list[float | None], threshold: float) -> float | None:
+    """The first x at which the error is at most the threshold (None: never)."""
+    for x, e in zip(xs, errors, strict=True):
+        if e is not None and e <= threshold:
+            return x
+    return None
+
+
+def _score(run: dict[str, Any], threshold: float) -> tuple[float, float]:
+    """Lower is faster: (mean training error over the run, epochs to threshold or inf);
+    a diverged run: inf."""
+    if run["diverged"] or not run["errors"]:
+        return (math.inf, math.inf)
+    reach = first_crossing(run["epochs"], run["errors"], threshold)
+    return (float(np.mean(run["errors"])), math.inf if reach is None else reach)
+
+
+# --- the experiment --------------------------------------------------------------------------
+@dataclass
+class Figure1Config:
+    out: str = "runs/figure1"
+    data: str | None = None  # CIFAR-10 python batches; None: Fashion-MNIST
+    fashion_mnist: str = str(FASHION_MNIST)
+    seeds: int = 3
+    epochs: int = 40
+    threshold: float = PAPER_THRESHOLD
+    batch_size: int = 128  # Sec. 5
+    train_images: int | None = None  # a subset of the training set (None: all of it)
+    points_per_epoch: int = 5
+    lr_grid: tuple[float, ...] = FULL_LR_GRID
+    lr: dict[str, float | None] = field(default_factory=lambda: {"relu": None, "tanh": None})
+    device: str = "cpu"
+    quiet: bool = False
+
+
+def load_dataset(cfg: Figure1Config) -> tuple[str, str, np.ndarray, np.ndarray]:
+    if cfg.data:
+        images, labels = load_cifar10(cfg.data)
+        return "cifar10", "CIFAR-10 (32x32 colour)", images, labels
+    images, labels = load_fashion_mnist(cfg.fashion_mnist)
+    return "fashion-mnist", "Fashion-MNIST (28x28 grey, padded to 32x32)", images, labels
+
+
+def run_figure1(cfg: Figure1Config) -> dict[str, Any]:
+    """Runs (or resumes) the experiment, writes OUT/figure1.{png,json,md}; returns the JSON."""
+    out = Path(cfg.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    dataset, title, images, labels = load_dataset(cfg)
+    if cfg.train_images is not None:
+        if cfg.train_images < cfg.batch_size:
+            raise ValueError(f"--train-images {cfg.train_images} is below one batch")
+        # A fixed class-balanced-in-expectation subset: the first N of one seeded permutation.
+        pick = np.random.default_rng(0).permutation(len(labels))[: cfg.train_images]
+        images, labels = images[np.sort(pick)], labels[np.sort(pick)]
+    x, y = normalise(images), torch.from_numpy(labels)
+    seeds = list(range(cfg.seeds))
+    if not seeds:
+        raise ValueError("--seeds must be at least 1")
+
+    def spec(act: str, lr: float, seed: int) -> RunSpec:
+        return RunSpec(
+            dataset, len(y), act, float(lr), seed, cfg.epochs, cfg.batch_size, cfg.points_per_epoch
+        )
+
+    # Every run this invocation needs, in order: the lr search with seed 0, then the seeds.
+    plan = {
+        act: [spec(act, lr, 0) for lr in (cfg.lr_grid if cfg.lr[act] is None else [])]
+        for act in ACTIVATIONS
+    }
+    runs: dict[str, dict[str, Any]] = {}
+
+    def cached(s: RunSpec) -> dict[str, Any] | None:
+        r = read_json(out / "runs" / f"{s.name()}.json")
+        return r if r is not None and r.get("spec") == asdict(s) else None
+
+    # The bar counts the runs still to do (the seeds of a searched rate: assumed not cached).
+    known = [s for act in ACTIVATIONS for s in plan[act]]
+    known += [spec(a, cfg.lr[a], s) for a in ACTIVATIONS if cfg.lr[a] is not None for s in seeds]
+    todo = sum(cached(s) is None for s in known)
+    todo += sum(cfg.lr[a] is None for a in ACTIVATIONS) * (len(seeds) - 1)
+    steps_per_run = (len(y) // cfg.batch_size) * cfg.epochs
+    bar = progress(
+        steps_per_run * todo, f"figure1 ({dataset})", disable=True if cfg.quiet else None
+    )
+
+    def get(s: RunSpec) -> dict[str, Any]:
+        r = cached(s)
+        if r is None:
+            bar.set_postfix_str(s.name())
+            r = train_run(s, x, y, cfg.device, bar)
+            write_json(out / "runs" / f"{s.name()}.json", r)
+        runs[s.name()] = r
+        return r
+
+    chosen, tuning = {}, {}
+    for act in ACTIVATIONS:
+        if cfg.lr[act] is not None:
+            chosen[act], tuning[act] = float(cfg.lr[act]), "fixed (--lr-" + act + ")"
+            continue
+        results = []
+        for s in plan[act]:
+            r = get(s)
+            mean_err, reach = _score(r, cfg.threshold)
+            results.append(
+                {
+                    "lr": s.lr,
+                    "epochs_to_threshold": None if math.isinf(reach) else reach,
+                    "mean_train_error": None if math.isinf(mean_err) else mean_err,
+                    "diverged": r["diverged"],
+                }
+            )
+        best = min(plan[act], key=lambda s: _score(runs[s.name()], cfg.threshold))
+        chosen[act], tuning[act] = best.lr, results
+    per_act = {act: [get(spec(act, chosen[act], seed)) for seed in seeds] for act in ACTIVATIONS}
+    bar.close()
+    result = summarise(cfg, dataset, title, len(y), chosen, tuning, per_act)
+    write_json(out / "figure1.json", result)
+    plot_figure1(result, out / "figure1.png")
+    write_text(out / "figure1.md", figure1_markdown(result))
+    return result
+
+
+def _stats(values: list[float | None]) -> dict[str, float | None]:
+    v = [x for x in values if x is not None]
+    if len(v) < len(values) or not v:
+        return {"mean": None, "min": min(v) if v else None, "max": None, "reached": len(v)}
+    return {
+        "mean": float(np.mean(v)),
+        "min": float(min(v)),
+        "max": float(max(v)),
+        "std": float(np.std(v)),
+        "reached": len(v),
+    }
+
+
+def summarise(cfg, dataset, title, n_train, chosen, tuning, per_act) -> dict[str, Any]:
+    curves, reach = {}, {}
+    for act, rs in per_act.items():
+        curves[act] = {
+            "lr": chosen[act],
+            "epochs": rs[0]["epochs"]
+            if not any(r["diverged"] for r in rs)
+            else max((r["epochs"] for r in rs), key=len),
+            "train_error": {str(r["spec"]["seed"]): r["errors"] for r in rs},
+            "seconds": {str(r["spec"]["seed"]): r["seconds"] for r in rs},
+        }
+        ep = [first_crossing(r["epochs"], r["errors"], cfg.threshold) for r in rs]
+        sec = [first_crossing(r["seconds"], r["errors"], cfg.threshold) for r in rs]
+        reach[act] = {
+            "epochs_per_seed": ep,
+            "seconds_per_seed": sec,
+            "epochs": _stats(ep),
+            "seconds": _stats(sec),
+        }
+    ratio = {"paper": PAPER_RATIO}
+    for unit in ("epochs", "seconds"):
+        r, t = reach["relu"][unit]["mean"], reach["tanh"][unit]["mean"]
+        ratio[unit] = t / r if r and t else None
+        if ratio[unit] is None:
+            # Censored seeds: their budget (the run's last point) stands in for the crossing.
+            filled = {}
+            for act, rs in per_act.items():
+                key = "epochs" if unit == "epochs" else "seconds"
+                vals = [
+                    v if v is not None else (run[key][-1] if run[key] else None)
+                    for v, run in zip(reach[act][f"{unit}_per_seed"], rs, strict=True)
+                ]
+                filled[act] = np.mean(vals) if None not in vals and vals else None
+            short = {act: reach[act][unit]["mean"] is None for act in ACTIVATIONS}
+            if filled["relu"] and filled["tanh"] and short["tanh"] != short["relu"]:
+                bound = "at_least" if short["tanh"] else "at_most"
+                ratio[f"{unit}_{bound}"] = float(filled["tanh"] / filled["relu"])
+    return {
+        "experiment": "Figure 1 (Krizhevsky et al. 2012): ReLU vs tanh, epochs to "
+        f"{cfg.threshold:.0%} training error",
+        "dataset": dataset,
+        "dataset_title": title,
+        "net": "cuda-convnet layers-80sec: conv5x5x32-maxpool3/2-conv5x5x32-avgpool3/2-"
+        "conv5x5x64-avgpool3/2-fc10 (four weighted layers), no regularisation",
+        "train_images": n_train,
+        "batch_size": cfg.batch_size,
+        "epochs": cfg.epochs,
+        "points_per_epoch": cfg.points_per_epoch,
+        "seeds": sorted(int(s) for s in curves["relu"]["train_error"]),
+        "threshold": cfg.threshold,
+        "paper_threshold": PAPER_THRESHOLD,
+        "optimizer": "SGD, momentum 0.9, no weight decay",
+        "lr": chosen,
+        "lr_search": tuning,
+        "device": str(per_act["relu"][0]["device"]),
+        "curves": curves,
+        "to_threshold": reach,
+        "ratio": ratio,
+        "note": "training error = error of the net's predictions on the batches it trains on, "
+        "averaged over each window of 1/points_per_epoch epoch; seconds are wall time on a "
+        "possibly shared machine",
+    }
+
+
+def _band(curve: dict[str, Any], key: str = "train_error"):
+    """Mean, min and max over seeds at each point (points a diverged seed lacks: skipped)."""
+    runs = list(curve[key].values())
+    n = max(len(r) for r in runs)
+    mean, lo, hi = [], [], []
+    for i in range(n):
+        v = [r[i] for r in runs if i < len(r) and r[i] is not None]
+        mean.append(np.mean(v) if v else np.nan)
+        lo.append(min(v) if v else np.nan)
+        hi.append(max(v) if v else np.nan)
+    return np.array(mean), np.array(lo), np.array(hi)
+
+
+def plot_figure1(result: dict[str, Any], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_e, ax_s) = plt.subplots(1, 2, figsize=(12, 4.6))
+    th = result["threshold"]
+    for act, style in (("relu", "-"), ("tanh", "--")):  # Figure 1: ReLU solid, tanh dashed
+        c = result["curves"][act]
+        mean, lo, hi = _band(c)
+        x = np.array(c["epochs"][: len(mean)])
+        label = f"{'ReLU' if act == 'relu' else 'tanh'} (lr {c['lr']:g})"
+        line = ax_e.plot(x, 100 * mean, style, lw=1.8, label=label)[0]
+        ax_e.fill_between(x, 100 * lo, 100 * hi, color=line.get_color(), alpha=0.2)
+        yerr = 100 * np.vstack([mean - lo, hi - mean])
+        ax_e.errorbar(
+            x,
+            100 * mean,
+            yerr=yerr,
+            fmt="none",
+            ecolor=line.get_color(),
+            alpha=0.6,
+            capsize=2,
+            lw=0.8,
+        )
+        smean, _, _ = _band(c, "seconds")
+        ax_s.plot(
+            smean[: len(mean)], 100 * mean, style, color=line.get_color(), lw=1.8, label=label
+        )
+        ax_s.fill_between(smean[: len(mean)], 100 * lo, 100 * hi, color=line.get_color(), alpha=0.2)
+    for ax in (ax_e, ax_s):
+        ax.axhline(100 * th, color="grey", ls=":", lw=1, label=f"{th:.0%} training error")
+        ax.set_ylabel("training error (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_ylim(0, None)
+    ax_e.set_xlabel("epochs")
+    ax_s.set_xlabel("training seconds (mean over seeds)")
+    r = result["ratio"]
+    ratio = (
+        f"tanh / ReLU = {ratio_text(r, 'epochs')} in epochs, {ratio_text(r, 'seconds')} in seconds"
+    )
+    fig.suptitle(
+        f"Figure 1 on {result['dataset_title']}: ReLU vs tanh to {th:.0%} training error: "
+        f"{ratio} (paper, CIFAR-10: {PAPER_RATIO:g}x)\n"
+        f"four-layer conv net, {len(result['seeds'])} seeds (line: mean, band and bars: "
+        f"min-max), {result['train_images']} training images, batch {result['batch_size']}",
+        fontsize=9.5,
+    )
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def ratio_text(r: dict[str, Any], unit: str) -> str:
+    """ "1.23x", "at least 1.50x", "at most 0.80x" or "n/a" (see the module doc)."""
+    if r.get(unit):
+        return f"{r[unit]:.2f}x"
+    for bound in ("at_least", "at_most"):
+        if r.get(f"{unit}_{bound}"):
+            return f"{bound.replace('_', ' ')} {r[f'{unit}_{bound}']:.2f}x"
+    return "n/a"
+
+
+def figure1_markdown(result: dict[str, Any]) -> str:
+    th = result["threshold"]
+
+    def f(s: dict[str, Any], digits: int) -> str:
+        if s["mean"] is None:
+            return f"not reached ({s['reached']} of {len(result['seeds'])} seeds)"
+        return f"{s['mean']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+    rows = []
+    for act in ACTIVATIONS:
+        t = result["to_threshold"][act]
+        final = [v[-1] for v in result["curves"][act]["train_error"].values() if v and v[-1]]
+        rows.append(
+            [
+                "ReLU" if act == "relu" else "tanh",
+                f"{result['lr'][act]:g}",
+                f(t["epochs"], 3),
+                f(t["seconds"], 1),
+                f"{100 * np.mean(final):.1f}" if final else "n/a",
+            ]
+        )
+    r = result["ratio"]
+
+    def ratio(unit):
+        return ratio_text(r, unit)
+
+    text = (
+        f"Figure 1 on {result['dataset_title']}, {len(result['seeds'])} seeds, "
+        f"{result['train_images']} training images, {result['epochs']} epochs, threshold "
+        f"{th:.0%} training error (paper: {PAPER_THRESHOLD:.0%}).\n\n"
+    )
+    text += markdown_table(
+        [
+            "activation",
+            "lr",
+            f"epochs to {th:.0%} (mean, min-max)",
+            f"seconds to {th:.0%}",
+            "final training error (%)",
+        ],
+        rows,
+    )
+    text += (
+        f"\nRatio tanh / ReLU: {ratio('epochs')} in epochs, {ratio('seconds')} in seconds "
+        f"(paper, CIFAR-10: about {PAPER_RATIO:g}x)"
+        + (
+            " (n/a: some seeds of both nets never reached the threshold)"
+            if ratio("epochs") == "n/a"
+            else ""
+        )
+        + ".\n"
+    )
+    return text
+
+
+# --- the command -----------------------------------------------------------------------------
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive learning rates, got {text!r}")
+    return values
+
+
+def config_from_args(args) -> Figure1Config:
+    base = QUICK if args.quick else FULL
+    return Figure1Config(
+        out=args.out,
+        data=args.data,
+        fashion_mnist=args.fashion_mnist,
+        seeds=args.seeds if args.seeds is not None else base["seeds"],
+        epochs=args.epochs if args.epochs is not None else base["epochs"],
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        train_images=args.train_images if args.train_images is not None else base["train_images"],
+        points_per_epoch=args.points_per_epoch
+        if args.points_per_epoch is not None
+        else base["points_per_epoch"],
+        lr_grid=args.lr_grid or (QUICK_LR_GRID if args.quick else FULL_LR_GRID),
+        lr={"relu": args.lr_relu, "tanh": args.lr_tanh},
+        device=args.device,
+    )
+
+
+def cmd_figure1(args) -> int:
+    if not 0 < args.threshold < 1:
+        raise ValueError(f"--threshold {args.threshold} must be between 0 and 1")
+    cfg = config_from_args(args)
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    r = run_figure1(cfg)
+    print(figure1_markdown(r))
+    print(f"wrote {Path(cfg.out) / 'figure1.png'}, figure1.json, figure1.md", file=sys.stderr)
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "figure1",
+        help="Figure 1: ReLU vs tanh, epochs to 25%% training error (four-layer conv net)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        metavar="CIFAR10_DIR",
+        help="CIFAR-10 python batches (default: Fashion-MNIST's IDX files)",
+    )
+    p.add_argument(
+        "--fashion-mnist",
+        default=str(FASHION_MNIST),
+        metavar="DIR",
+        help=f"the Fashion-MNIST IDX files (default {FASHION_MNIST})",
+    )
+    p.add_argument("--out", default="runs/figure1", help="output folder (default runs/figure1)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a few minutes on a 2-core CPU: {QUICK}, lr grid {QUICK_LR_GRID}",
+    )
+    p.add_argument("--seeds", type=int, help="runs per activation (full 3, quick 2)")
+    p.add_argument("--epochs", type=int, help="epochs per run (full 40, quick 3)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=PAPER_THRESHOLD,
+        help="target training error (default 0.25, the paper's)",
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="default 128 (Sec. 5)")
+    p.add_argument(
+        "--train-images",
+        type=int,
+        help="train on a fixed subset of N images (quick: 4000; full: all)",
+    )
+    p.add_argument(
+        "--points-per-epoch", type=int, help="training-error points per epoch (full 5, quick 8)"
+    )
+    p.add_argument(
+        "--lr-grid",
+        type=_floats,
+        metavar="LR,LR,...",
+        help=f"rates searched per activation (full {FULL_LR_GRID})",
+    )
+    p.add_argument("--lr-relu", type=float, help="fixed ReLU rate (no search)")
+    p.add_argument("--lr-tanh", type=float, help="fixed tanh rate (no search)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.set_defaults(func=cmd_figure1)
