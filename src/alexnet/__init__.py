@@ -1,8 +1,8 @@
 """alexnet: Krizhevsky, Sutskever & Hinton (NIPS 2012), faithfully, on PyTorch.
 
-    import alexnet
-    model = alexnet.build_model("paper", num_classes=1000)
-    alexnet.PROFILES  # "paper", "cuda-convnet", "caffe", "torchvision", "demo"
+import alexnet
+model = alexnet.build_model("paper", num_classes=1000)
+alexnet.PROFILES  # "paper", "cuda-convnet", "caffe", "torchvision", "demo"
 """
 
 import importlib
