@@ -6,54 +6,307 @@ with the sum clipped at the edges of each tower's maps: the paper's towers norma
 maps only (the towers communicate only at conv3 and the FC layers).
 
 Why not torch.nn.LocalResponseNorm: it builds the window sum with avg_pool3d over a padded copy
-and lets autograd differentiate every intermediate; here that took half of the training step
-(../shared/alexnet-facts.md, "Throughput references"). This module computes the window sum as a
-banded channel matrix product (one GEMM, which oneDNN/cuBLAS run at full speed in any memory
-format) and differentiates by hand with the closed-form gradient
+and lets autograd keep and differentiate every intermediate; here that took half of the training
+step (../shared/alexnet-facts.md, "Throughput references"). This module differentiates by hand,
+with the closed-form gradient
 
-    d loss / d a[i] = g[i] * s[i] - 2 * alpha * beta * a[i] * sum_{j in win(i)} g[j] * b[j] / D[j]
+    d loss / d a[i] = g[i] s[i] - 2 alpha beta a[i] sum_{j in win(i)} g[j] a[j] s[j] / D[j]
 
-where D = k + alpha * window_sum(a^2), s = D^-beta and b = a * s; win is symmetric, so the same
-banded matrix serves forward and backward.
+where D = k + alpha * window_sum(a^2) and s = D^-beta; the window is symmetric, so the same
+window sum serves forward and backward. It saves only its input (which the ReLU before it keeps
+anyway) and recomputes D in the backward pass: the window sum of a^2 costs a few cached loads,
+far less than writing and re-reading D.
+
+Two implementations of the same formula, both checked against a float64 loop of the formula in
+tests/test_lrn.py:
+
+- "compiled": the three steps (forward; t = g*a*s/D; the gradient) each fused by torch.compile
+  (Inductor: one C++/OpenMP loop on CPUs, one Triton kernel on GPUs) into a single pass that
+  reads a few tensors and writes one. On the 2-core CPU of this project it runs LRN forward and
+  backward about 2-3x faster than the best eager form below (see BENCHMARKS.md / `alexnet bench
+  model`).
+- "eager": shifted-slice window sums with in-place updates, for tensors too small to be worth a
+  compilation, and for machines where torch.compile is not available (no C++ compiler, ...).
+
+`set_backend("auto" | "compiled" | "eager")` picks one; "auto" (the default) compiles for tensors
+of at least COMPILE_MIN_NUMEL elements and falls back to eager, once and with a warning, if
+compilation fails. The environment variable ALEXNET_LRN sets the initial choice.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+BACKENDS = ("auto", "compiled", "eager")
+COMPILE_MIN_NUMEL = 1 << 20  # one batch of 2 at conv1's 96x55x55 is 0.6M: tests stay eager
+# Distinct (shape, strides, dtype, constants) each get their own static-shape kernel; a static
+# kernel is 2-3x faster here than a dynamic-shape one. A training run needs a few (2 layers x
+# train/eval batch sizes), `alexnet bench model` 24 (3 profiles x 2 layers x 2 dtypes x 2
+# layouts). torch._dynamo's per-function recompile limit is raised to this; past it, eager.
+MAX_COMPILED_KEYS = 32
 
-def band_matrix(channels: int, size: int, groups: int, device=None, dtype=None) -> torch.Tensor:
-    """(C, C) matrix M with M[i, j] = 1 when j is in i's window of `size` maps within i's group."""
-    idx = torch.arange(channels, device=device)
-    group = idx // (channels // groups)
-    near = (idx[:, None] - idx[None, :]).abs() <= size // 2
-    same = group[:, None] == group[None, :]
-    return (near & same).to(dtype or torch.float32)
-
-
-def _window_sum(t: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
-    # A 1x1 convolution with the band matrix sums each map's window over channels.
-    return F.conv2d(t, band[:, :, None, None])
+_state = {"backend": os.environ.get("ALEXNET_LRN", "auto"), "failed": False}
+_compiled: dict[str, object] = {}
 
 
-class _LRNFunction(torch.autograd.Function):
+def set_backend(name: str) -> None:
+    """Choose the LRN implementation: "auto" (default), "compiled" or "eager"."""
+    if name not in BACKENDS:
+        raise ValueError(f"LRN backend {name!r} is not one of {list(BACKENDS)}")
+    _state["backend"] = name
+    _state["failed"] = False
+
+
+def get_backend() -> str:
+    return _state["backend"]
+
+
+# --- the formula, written once for both implementations ------------------------------------
+def _window_sum(t: torch.Tensor, size: int, groups: int) -> torch.Tensor:
+    """sum_{|j - i| <= size//2, j in i's group} t[:, j] for every map i, as shifted slices."""
+    n, c, h, w = t.shape
+    half = size // 2
+    tg = t.unflatten(1, (groups, c // groups))  # (N, G, C/G, H, W): windows never cross groups
+    p = F.pad(tg, (0, 0, 0, 0, half, half))  # zero maps beyond each group's edges
+    cg = c // groups
+    out = p[:, :, 0:cg]
+    for o in range(1, 2 * half + 1):
+        out = out + p[:, :, o : o + cg]
+    return out.flatten(1, 2)
+
+
+def _inv_pow(d: torch.Tensor, beta: float) -> torch.Tensor:
+    """d ** -beta; rsqrt/sqrt for the paper's beta = 0.75 (a fraction of pow's cost)."""
+    if beta == 0.75:
+        r = torch.rsqrt(d)
+        return r * torch.sqrt(r)
+    if beta == 0.5:
+        return torch.rsqrt(d)
+    return torch.exp(torch.log(d) * -beta)
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    # bf16/fp16 inputs: sums and powers in float32 (free inside a fused kernel); float64 stays.
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _input(x, relu: bool):
+    # relu=True: the LRN of relu(x), the ReLU fused into the same pass (Sec. 3.3: "applied after
+    # the ReLU"); its gradient is the mask x > 0, as torch's threshold_backward.
+    x = _acc(x)
+    return torch.relu(x) if relu else x
+
+
+def _denominator(a, size: int, groups: int, k: float, alpha: float):
+    return k + alpha * _window_sum(a * a, size, groups)
+
+
+def _fwd(x, size: int, groups: int, k: float, alpha: float, beta: float, relu: bool):
+    a = _input(x, relu)
+    d = _denominator(a, size, groups, k, alpha)
+    return (a * _inv_pow(d, beta)).to(x.dtype)
+
+
+def _bwd_t(g, x, size: int, groups: int, k: float, alpha: float, beta: float, relu: bool):
+    # t = g * b / D = g * a * D^-(beta+1): the window-summed term of the gradient. Kept in
+    # float32 (it is a small difference term; bf16 would cost accuracy for little speed).
+    a = _input(x, relu)
+    d = _denominator(a, size, groups, k, alpha)
+    return _acc(g) * a * _inv_pow(d, beta) / d
+
+
+def _bwd_g(g, x, t, size: int, groups: int, k: float, alpha: float, beta: float, relu: bool):
+    a = _input(x, relu)
+    d = _denominator(a, size, groups, k, alpha)
+    grad = _acc(g) * _inv_pow(d, beta) - (2.0 * alpha * beta) * a * _window_sum(t, size, groups)
+    if relu:
+        grad = torch.where(x > 0, grad, 0.0)
+    return grad.to(x.dtype)
+
+
+# channels_last: the maps of one pixel are contiguous, so the window runs along the innermost
+# dimension, where the zero padding of _window_sum costs Inductor a per-lane mask on every
+# shifted load (2-4x slower than NCHW here). Instead the padded squares P (kept for the
+# backward) and the padded t of the backward are written once each, and the window sums read
+# them with plain shifted loads.
+def _cl_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).unflatten(3, (groups, -1))  # (N, H, W, G, C/G), a view
+
+
+def _cl_ungroup(y: torch.Tensor) -> torch.Tensor:
+    return y.flatten(3).permute(0, 3, 1, 2)  # back to (N, C, H, W), channels_last strides
+
+
+def _cl_pad(t, size: int):
+    return F.pad(t, (size // 2, size // 2))
+
+
+def _cl_padded_squares(x, size: int, groups: int, relu: bool):
+    a = _input(_cl_groups(x, groups), relu)
+    return _cl_pad(a * a, size)
+
+
+def _cl_window(p: torch.Tensor, size: int, c: int) -> torch.Tensor:
+    out = p[..., 0:c]
+    for o in range(1, 2 * (size // 2) + 1):
+        out = out + p[..., o : o + c]
+    return out
+
+
+def _cl_fwd(x, p, size: int, groups: int, k: float, alpha: float, beta: float, relu: bool):
+    a = _input(_cl_groups(x, groups), relu)
+    d = k + alpha * _cl_window(p, size, a.shape[-1])
+    return _cl_ungroup((a * _inv_pow(d, beta)).to(x.dtype))
+
+
+def _cl_bwd_t(g, x, p, size: int, groups: int, k: float, alpha: float, beta: float, relu: bool):
+    a = _input(_cl_groups(x, groups), relu)
+    d = k + alpha * _cl_window(p, size, a.shape[-1])
+    return _acc(_cl_groups(g, groups)) * a * _inv_pow(d, beta) / d
+
+
+def _cl_bwd_g(g, x, p, tp, size: int, groups: int, k: float, alpha: float, beta: float, relu: bool):
+    xg = _cl_groups(x, groups)
+    a = _input(xg, relu)
+    c = a.shape[-1]
+    d = k + alpha * _cl_window(p, size, c)
+    win = _cl_window(tp, size, c)
+    grad = _acc(_cl_groups(g, groups)) * _inv_pow(d, beta) - (2.0 * alpha * beta) * a * win
+    if relu:
+        grad = torch.where(xg > 0, grad, 0.0)
+    return _cl_ungroup(grad.to(x.dtype))
+
+
+_PLAIN = {
+    "fwd": _fwd,
+    "bwd_t": _bwd_t,
+    "bwd_g": _bwd_g,
+    "cl_sq": _cl_padded_squares,
+    "cl_fwd": _cl_fwd,
+    "cl_bwd_t": _cl_bwd_t,
+    "cl_pad": _cl_pad,
+    "cl_bwd_g": _cl_bwd_g,
+}
+_keys: dict[str, set] = {name: set() for name in _PLAIN}
+
+
+def _key(x: torch.Tensor, consts) -> tuple:
+    return (tuple(x.shape), x.stride(), x.dtype, x.device.type, consts)
+
+
+def _call(name: str, x: torch.Tensor, args: tuple, consts: tuple) -> torch.Tensor:
+    """Run step `name` compiled if the backend and size allow, else the plain functions."""
+    fn = _PLAIN[name]
+    backend = _state["backend"]
+    use = backend == "compiled" or (
+        backend == "auto" and not _state["failed"] and x.numel() >= COMPILE_MIN_NUMEL
+    )
+    if use and not torch.compiler.is_compiling():
+        keys = _keys[name]
+        key = _key(x, consts)
+        if key in keys or len(keys) < MAX_COMPILED_KEYS:
+            if name not in _compiled:
+                import torch._dynamo.config as dynamo_config
+
+                limit = max(dynamo_config.recompile_limit, MAX_COMPILED_KEYS)
+                dynamo_config.recompile_limit = limit
+                _compiled[name] = torch.compile(fn, dynamic=False)
+            try:
+                out = _compiled[name](*args, *consts)
+                keys.add(key)
+                return out
+            except Exception as e:  # no C++ compiler, no Triton, ...: formula still holds
+                if backend == "compiled":
+                    raise
+                _state["failed"] = True
+                warnings.warn(
+                    f"LRN: torch.compile failed ({type(e).__name__}: {e}); using eager LRN",
+                    stacklevel=3,
+                )
+    return fn(*args, *consts)
+
+
+class _LRNCompiledFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, band, k: float, alpha: float, beta: float):
-        d = _window_sum(x * x, band).mul_(alpha).add_(k)  # D = k + alpha * window_sum(a^2)
-        scale = d.pow(-beta)
-        ctx.save_for_backward(x, d, scale, band)
-        ctx.alpha, ctx.beta = alpha, beta
-        return x * scale
+    def forward(ctx, x, size, groups, k, alpha, beta, relu):
+        ctx.cl = _memory_format(x) == torch.channels_last
+        c = ctx.consts = (size, groups, float(k), float(alpha), float(beta), bool(relu))
+        if ctx.cl:
+            p = _call("cl_sq", x, (x,), (size, groups, c[-1]))
+            ctx.save_for_backward(x, p)  # keeping P costs memory, recomputing it a full pass
+            return _call("cl_fwd", x, (x, p), c)
+        ctx.save_for_backward(x)  # NCHW: D is recomputed inside the fused kernels, no pass
+        return _call("fwd", x, (x,), c)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, d, scale, band = ctx.saved_tensors
-        t = g * x * scale / d  # g[j] * b[j] / D[j]
-        win = _window_sum(t, band)
-        grad = g * scale - (2.0 * ctx.alpha * ctx.beta) * x * win
-        return grad, None, None, None, None
+        c = ctx.consts
+        if ctx.cl:
+            x, p = ctx.saved_tensors
+            g = g.contiguous(memory_format=torch.channels_last)
+            t = _call("cl_bwd_t", x, (g, x, p), c)
+            tp = _call("cl_pad", x, (t,), c[:1])
+            grad = _call("cl_bwd_g", x, (g, x, p, tp), c)
+        else:
+            (x,) = ctx.saved_tensors
+            g = g.contiguous()
+            t = _call("bwd_t", x, (g, x), c)
+            grad = _call("bwd_g", x, (g, x, t), c)
+        return grad, None, None, None, None, None, None
+
+
+# --- eager: the same formula in as few full passes as torch's eager kernels allow ----------
+def _window_sum_eager(t: torch.Tensor, size: int, groups: int) -> torch.Tensor:
+    n, c, h, w = t.shape
+    tg = t.unflatten(1, (groups, c // groups))
+    out = tg.clone(memory_format=torch.preserve_format)
+    for o in range(1, size // 2 + 1):
+        out[:, :, o:] += tg[:, :, :-o]
+        out[:, :, :-o] += tg[:, :, o:]
+    return out.flatten(1, 2)
+
+
+def _inv_pow_(d: torch.Tensor, beta: float) -> torch.Tensor:
+    """d ** -beta, overwriting d."""
+    if beta == 0.75:
+        d.rsqrt_()
+        return d.mul_(d.sqrt())
+    return d.pow_(-beta)
+
+
+class _LRNEagerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, size, groups, k, alpha, beta):
+        d = _window_sum_eager(x * x, size, groups).mul_(alpha).add_(k)  # D
+        s = _inv_pow_(d.clone(), beta)  # s = D^-beta
+        ctx.save_for_backward(x, d, s)
+        ctx.consts = (size, groups, alpha, beta)
+        return x * s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, d, s = ctx.saved_tensors
+        size, groups, alpha, beta = ctx.consts
+        t = (g * x).mul_(s).div_(d)  # g * a * s / D
+        win = _window_sum_eager(t, size, groups)
+        return win.mul_(x).mul_(-2.0 * alpha * beta).addcmul_(g, s), None, None, None, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def local_response_norm(
@@ -63,15 +316,29 @@ def local_response_norm(
     beta: float = 0.75,
     k: float = 2.0,
     groups: int = 1,
+    relu: bool = False,
 ) -> torch.Tensor:
-    """The LRN of Sec. 3.3 over the channels of x (N, C, H, W), each of `groups` separately."""
+    """The LRN of Sec. 3.3 over the channels of x (N, C, H, W), each of `groups` separately.
+
+    relu=True normalises relu(x) (the paper's order, Sec. 3.3), with the ReLU fused into the
+    LRN's own passes: one pass less over the layer's output forward and backward. x itself is
+    not modified."""
     if x.dim() != 4:
         raise ValueError(f"local_response_norm expects (N, C, H, W), got shape {tuple(x.shape)}")
     c = x.shape[1]
     if c % groups:
         raise ValueError(f"{c} channels do not split into {groups} groups")
-    band = band_matrix(c, size, groups, device=x.device, dtype=x.dtype)
-    return _LRNFunction.apply(x, band, float(k), float(alpha), float(beta))
+    if size < 1:
+        raise ValueError(f"LRN size must be positive, got {size}")
+    backend = _state["backend"]
+    consts = (int(size), int(groups), float(k), float(alpha), float(beta))
+    if torch.compiler.is_compiling() or not (
+        backend == "eager"
+        or (backend == "auto" and (_state["failed"] or x.numel() < COMPILE_MIN_NUMEL))
+    ):
+        # Inside a whole-model torch.compile this traces the plain formula for Inductor to fuse.
+        return _LRNCompiledFunction.apply(x, *consts, bool(relu))
+    return _LRNEagerFunction.apply(torch.relu(x) if relu else x, *consts)
 
 
 class ResponseNorm(nn.Module):
@@ -81,9 +348,12 @@ class ResponseNorm(nn.Module):
         super().__init__()
         self.size, self.alpha, self.beta, self.k, self.groups = size, alpha, beta, k, groups
 
-    def forward(self, x: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, groups: int | None = None, relu: bool = False
+    ) -> torch.Tensor:
+        """relu=True: the LRN of relu(x), the ReLU fused in (see local_response_norm)."""
         g = self.groups if groups is None else groups
-        return local_response_norm(x, self.size, self.alpha, self.beta, self.k, g)
+        return local_response_norm(x, self.size, self.alpha, self.beta, self.k, g, relu)
 
     def extra_repr(self) -> str:
         return (

@@ -141,8 +141,17 @@ class TowerConv(_Parts):
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self.split:
+            x = xs[0]
+            if self.cross and self.towers > 1 and x.device.type == "cpu":
+                # Sec. 3.2: each tower computes its half of a crossing layer's kernels from all
+                # the input maps; done so here too, because on CPUs oneDNN's weight-gradient
+                # kernel for conv1's 96 maps is ~2x slower per multiply-add than for 48
+                # (measured: conv1 forward+backward 6.7 -> 4.8 ms/image, BENCHMARKS.md).
+                ws, bs = self.weight.chunk(self.towers), self.bias.chunk(self.towers)
+                halves = zip(ws, bs, strict=True)
+                return [torch.cat([F.conv2d(x, w, b, self.stride, self.pad) for w, b in halves], 1)]
             groups = 1 if self.cross else self.towers
-            return [F.conv2d(xs[0], self.weight, self.bias, self.stride, self.pad, 1, groups)]
+            return [F.conv2d(x, self.weight, self.bias, self.stride, self.pad, 1, groups)]
         if self.cross:  # gather every tower's maps onto each device (Sec. 3.2)
             xs = [torch.cat([x.to(d) for x in xs], 1) for d in self.devices]
         return [
@@ -183,7 +192,10 @@ class AlexNet(nn.Module):
                 f"devices={list(devices)}: a {towers}-tower net runs on 1 or {towers} devices"
             )
         self.pool_kernel = 3 if config.pool == "overlap" else 2  # Sec. 3.4: z=3, s=2 overlaps
-        act = {"relu": F.relu, "tanh": torch.tanh}
+        # In place (as torchvision's nn.ReLU(inplace=True)): every activation here follows a
+        # conv, linear or pool whose backward does not need its output, so overwriting it is
+        # safe and saves a full-size allocation and pass per layer.
+        act = {"relu": F.relu_, "tanh": torch.tanh_}
         self._act = act[config.activation]
 
         # Sec. 3.2 comparison net (towers=1): half the kernels in conv1-conv4; conv5 and the FC
@@ -237,11 +249,17 @@ class AlexNet(nn.Module):
     def _each(self, fn, xs):
         return [fn(x) for x in xs]
 
-    def _norm(self, module, xs):
+    def _norm(self, module, xs, act=None):
+        """module(act(x)) for each part; act None: no activation first."""
+        if module is None or (act is not None and self.config.activation != "relu"):
+            xs = xs if act is None else self._each(act, xs)
+            act = None
         if module is None:
             return xs
         # One device: the module normalises each tower's group of maps. Two: each part is a tower.
-        return [module(x, groups=None if len(xs) == 1 else 1) for x in xs]
+        # A ReLU before the LRN is fused into the LRN's passes (alexnet.lrn): same function.
+        groups = None if len(xs) == 1 else 1
+        return [module(x, groups=groups, relu=act is not None) for x in xs]
 
     def _pool(self, module, xs):
         return self._each(module, xs)
@@ -279,17 +297,22 @@ class AlexNet(nn.Module):
         if c.conv1_pad_right_bottom:
             # 2012 code: 1 + ceil((224 - 11) / 4) = 55 outputs = zero-pad right/bottom by 3.
             x = F.pad(x, (0, c.conv1_pad_right_bottom, 0, c.conv1_pad_right_bottom))
+        if x.device.type == "cpu":
+            # On CPUs the net runs channels_last whatever the input's format (same function):
+            # torch's NCHW max-pool is ~5x slower than its NHWC one on the 96 and 256 maps
+            # pooled here, and the LRN's kernels suit it (alexnet.lrn). Measured in BENCHMARKS.md.
+            x = x.contiguous(memory_format=torch.channels_last)
         xs = [x.to(d) for d in self.devices] if len(self.devices) > 1 else [x]
         xs = self.conv1([xs[0]]) if len(self.devices) == 1 else self._conv1_split(xs)
         if order == "cuda-convnet":  # layers-145: conv1 -> LRN -> pool -> ReLU
             xs = self._each(act, self._pool(self.pool1, self._norm(norm1, xs)))
         else:  # Sec. 3.3-3.5: conv -> ReLU -> LRN -> pool
-            xs = self._pool(self.pool1, self._norm(norm1, self._each(act, xs)))
+            xs = self._pool(self.pool1, self._norm(norm1, xs, act))
         for name in self._convs[1:]:
             xs = getattr(self, name)(xs)
             last = name == self._last_conv
             if name == "conv2":
-                xs = self._norm(norm2, self._each(act, xs))
+                xs = self._norm(norm2, xs, act)
                 if c.spatial_norm:
                     xs = self._each(self.snorm2, xs)
                 xs = self._pool(self.pool2, xs)
