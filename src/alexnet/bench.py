@@ -10,7 +10,8 @@ configuration alike), for every (network, mode) pair:
 Each figure is the median over the timed repeats after warm-up steps. FLOP/s count 2 FLOPs per
 multiply-add of the convolutions and matrix products (torch.utils.flop_counter), 3x the forward
 pass per trained image (forward, and the backward's two products per layer), set against the
-machine's matrix peak: a large matmul measured in the same run.
+machine's matrix peak: a large matmul measured in the same run (the best of samples taken
+before, during and after the timed steps).
 """
 
 from __future__ import annotations
@@ -196,9 +197,18 @@ def run_model_bench(
     infer_steps = steps if infer_steps is None else infer_steps
     machine = machine_info(device)
 
-    peak_start = {"fp32": matmul_peak(device, torch.float32, peak_size)}
+    # The matrix peak: sampled at the start, after every training pass and at the end, the
+    # highest kept (background load only ever lowers a sample).
+    peak_dtypes = {"fp32": torch.float32}
     if any(m.autocast_dtype == "bfloat16" for m in parsed):
-        peak_start["bf16"] = matmul_peak(device, torch.bfloat16, peak_size)
+        peak_dtypes["bf16"] = torch.bfloat16
+    peak = {k: 0.0 for k in peak_dtypes}
+
+    def sample_peak(repeats: int) -> None:
+        for k, dt in peak_dtypes.items():
+            peak[k] = max(peak[k], matmul_peak(device, dt, peak_size, repeats))
+
+    sample_peak(10)
 
     torch.manual_seed(seed)
     inputs = {}
@@ -235,6 +245,7 @@ def run_model_bench(
                 cfg.step_cpu_s.append(time.process_time() - c)
         label = "warm-up" if rep < warmup else "timed"
         log(f"  training pass {rep + 1}/{warmup + steps} ({label}) done")
+        sample_peak(3)
     for cfg in configs:
         cfg.model.eval()
     for rep in range(1 + infer_steps):
@@ -249,13 +260,7 @@ def run_model_bench(
     for cfg in configs:
         cfg.model.train()
 
-    # The peak at the start and at the end, the higher kept: background load lowers either.
-    peak_dtypes = {"fp32": torch.float32}
-    if any(m.autocast_dtype == "bfloat16" for m in parsed):
-        peak_dtypes["bf16"] = torch.bfloat16
-    peak = {
-        k: max(peak_start[k], matmul_peak(device, dt, peak_size)) for k, dt in peak_dtypes.items()
-    }
+    sample_peak(10)
     flops = {}
     for cfg in configs:
         if cfg.profile not in flops:

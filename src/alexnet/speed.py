@@ -5,16 +5,19 @@
 torchvision's AlexNet in one interleaved run (see BENCHMARKS.md for the figures behind the
 defaults below).
 
-What was measured on this project's 2-core AMD EPYC (Zen 4, AVX512-BF16), batch 128:
-- float32: channels_last is faster for both nets (torch's NCHW max-pool is ~5x slower than its
-  channels_last one, and the two-tower net pools 96 and 256 maps).
-- bfloat16 autocast: about 1.6-1.8x float32 (oneDNN runs bf16 dot products natively).
-- torch.compile of the whole model: slower than eager on this CPU (oneDNN already runs the convs
-  and matmuls; Inductor's pools and the recompiles cost more than its fusion saves), so it stays
-  off by default. The LRN alone is compiled (alexnet.lrn).
+What was measured on this project's 2-core AMD EPYC (Zen 4, AVX512-BF16), batch 128, training
+steps interleaved with torchvision's AlexNet (numbers: BENCHMARKS.md, `alexnet bench model`):
+- float32: channels_last is 5-10% faster for torchvision's net (torch's NCHW max-pool is ~5x
+  slower than its NHWC one); the two-tower net runs channels_last internally on CPUs whatever
+  its input (model.py), so its fp32 and fp32+cl modes are the same speed.
+- bfloat16 autocast: ~1.6-1.9x float32 (oneDNN runs bf16 dot products natively); bf16+cl is
+  the two-tower net's fastest mode here.
+- torch.compile of the whole model: 10-30% slower than eager on this CPU (oneDNN already runs
+  the convs and matmuls; Inductor's pools cost more than its fusion saves), so it stays off by
+  default. The LRN alone is compiled (alexnet.lrn): 53 -> 45 CPU ms per trained image.
 - glibc's malloc returns every large block to the kernel on free and page-faults it back in on
-  the next allocation: with the mmap threshold lifted (`tune_cpu_allocator`) a training step
-  is ~10-30% faster for every net. Set once per process.
+  the next allocation: with `tune_cpu_allocator` a training step is 12-28% faster in float32
+  and 22-50% in bf16, for every net. Set once per process (prepare_model does it).
 """
 
 from __future__ import annotations
