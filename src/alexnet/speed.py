@@ -7,7 +7,7 @@ defaults below).
 
 What was measured on this project's 2-core AMD EPYC (Zen 4, AVX512-BF16), batch 128, training
 steps interleaved with torchvision's AlexNet (numbers: BENCHMARKS.md, `alexnet bench model`):
-- float32: channels_last is 5-10% faster for torchvision's net (torch's NCHW max-pool is ~5x
+- float32: channels_last is 5-12% faster for torchvision's net (torch's NCHW max-pool is ~5x
   slower than its NHWC one); the two-tower net runs channels_last internally on CPUs whatever
   its input (model.py), so its fp32 and fp32+cl modes are the same speed.
 - bfloat16 autocast: ~1.6-1.9x float32 (oneDNN runs bf16 dot products natively); bf16+cl is
