@@ -15,7 +15,14 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 from alexnet.config import DataConfig
-from alexnet.data import make_eval_loader, make_train_loader, open_store, prepare_store, ten_crop
+from alexnet.data import (
+    make_eval_loader,
+    make_train_loader,
+    open_store,
+    prepare_store,
+    spread_indices,
+    ten_crop,
+)
 from alexnet.data.views import ViewSpec
 
 S, C = 32, 24  # small stored images and crops keep the exhaustive search cheap
@@ -184,11 +191,24 @@ def test_eval_loader_order_views_and_shards(store):
     assert [len(y) for p in parts for _, y in p] == [2, 1, 2, 1]  # 3 images each
     joined = torch.cat([xb for p in parts for xb, _ in p]).numpy()
     np.testing.assert_array_equal(joined, x)
-    # limit: the first N images only, shared out among the ranks
+    # limit: 5 of the 6 images spread over the split (0, 1.25, 2.5, 3.75, 5 rounded), shared
+    # out among the ranks
     lim = [list(make_eval_loader(store, DATA, 8, rank=r, world_size=2, limit=5, workers=0))
            for r in (0, 1)]  # fmt: skip
     assert [len(y) for p in lim for _, y in p] == [2, 3]
-    np.testing.assert_array_equal(torch.cat([xb for p in lim for xb, _ in p]).numpy(), x[:5])
+    got = torch.cat([xb for p in lim for xb, _ in p]).numpy()
+    np.testing.assert_array_equal(got, x[[0, 1, 2, 4, 5]])
+
+
+def test_spread_indices_sample_every_class_of_a_sorted_store():
+    labels = np.repeat(np.arange(4), 25)  # a folder store: sorted by class
+    idx = spread_indices(len(labels), 8)
+    assert len(idx) == 8 and sorted(set(labels[idx].tolist())) == [0, 1, 2, 3]
+    assert idx[0] == 0 and idx[-1] == 99
+    assert spread_indices(5, 10).tolist() == [0, 1, 2, 3, 4]
+    assert spread_indices(5, None).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="at least 1"):
+        spread_indices(5, 0)
 
 
 def test_finish_on_a_gpu_is_the_same_arithmetic(store):

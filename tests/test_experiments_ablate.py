@@ -62,13 +62,6 @@ def test_schedule_fits_the_budget():
         A.fit_schedule(p, 3, 16)
 
 
-def test_spread_indices_sample_every_class_of_a_sorted_store():
-    labels = np.repeat(np.arange(4), 25)  # a folder store: sorted by class
-    idx = A.spread_indices(len(labels), 8)
-    assert len(idx) == 8 and sorted(set(labels[idx].tolist())) == [0, 1, 2, 3]
-    assert A.spread_indices(5, 10).tolist() == [0, 1, 2, 3, 4]
-
-
 def test_table_holds_every_row_with_paired_deltas(tiny_store):
     from alexnet.data import open_store
 

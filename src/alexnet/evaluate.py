@@ -182,6 +182,7 @@ def cmd_evaluate(args) -> int:
         split=args.split,
         workers=args.workers,
         device=device,
+        limit=args.limit,
     )
     r = evaluate_model(
         loaded.model,
@@ -325,7 +326,9 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int)
     p.add_argument("--device", default="auto")
-    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument(
+        "--limit", type=int, help="N images spread evenly over the split (a class-balanced sample)"
+    )
     p.add_argument("--per-class", action="store_true", help="a per-class top-1 error table")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)

@@ -65,7 +65,7 @@ class RunConfig:
     log_every: int = 20  # a metrics.jsonl/TensorBoard line every N steps
     max_steps: int | None = None  # stop after this many steps in all (tests, smoke runs)
     eval_batch_size: int = 256
-    val_limit: int | None = None  # validate on the first N images only (None: all)
+    val_limit: int | None = None  # validate on N images spread over the split (None: all)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -466,7 +466,7 @@ class Trainer:
             device=self.device,
             rank=self.rank,
             world_size=self.world,
-            limit=self.run.val_limit,  # the first N images, shared out among the ranks
+            limit=self.run.val_limit,  # N images spread over the split, shared out among the ranks
         )
         return evaluate_model(
             self.model,
@@ -616,7 +616,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
     p.add_argument("--log-every", type=int, default=20, metavar="STEPS")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
-    p.add_argument("--val-limit", type=int, help="validate on the first N images only")
+    p.add_argument(
+        "--val-limit",
+        type=int,
+        help="validate on N images spread evenly over the split (a class-balanced sample)",
+    )
     p.add_argument(
         "--distributed",
         action="store_true",

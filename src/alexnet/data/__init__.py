@@ -7,7 +7,7 @@ fast (the training and evaluation loaders). docs/data.md describes the store and
 """
 
 from alexnet.data.images import UnreadableImage, paper_image
-from alexnet.data.loader import make_eval_loader, make_train_loader
+from alexnet.data.loader import make_eval_loader, make_train_loader, spread_indices
 from alexnet.data.prepare import prepare_store
 from alexnet.data.store import Stats, Store, open_store
 from alexnet.data.views import (
@@ -31,5 +31,6 @@ __all__ = [
     "pca_lighting",
     "prepare_store",
     "preprocess",
+    "spread_indices",
     "ten_crop",
 ]

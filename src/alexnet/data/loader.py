@@ -100,16 +100,28 @@ class _TrainBatches(Dataset):
         return u8, labels, (ys, xs, flips, offsets)
 
 
+def spread_indices(size: int, n: int | None) -> np.ndarray:
+    """n indices spread evenly over 0..size-1 (all of them for None or n >= size): a
+    class-balanced sample even of a store whose images are sorted by class (folder trees are),
+    unlike the first n."""
+    if n is None or n >= size:
+        return np.arange(size)
+    if n < 1:
+        raise ValueError(f"limit must be at least 1, got {n}")
+    return np.unique(np.linspace(0, size - 1, n).round().astype(np.int64))
+
+
 class _EvalBatches(Dataset):
-    """Rank r of W takes the r-th of W contiguous, equal (+-1) blocks of the first `limit`
-    images in store order, in batches (the last may be short): the ranks share the work evenly
-    whatever the batch size."""
+    """Rank r of W takes the r-th of W contiguous, equal (+-1) blocks of the images (all, or
+    `limit` spread evenly over the split), in batches (the last may be short): the ranks share
+    the work evenly whatever the batch size."""
 
     def __init__(self, store, split, spec, batch_size, views, rank, world, limit=None):
         self.store, self.split, self.spec = store, split, spec
         self.batch_size, self.views = batch_size, views
         self.rank, self.world = rank, world
-        n = store.size(split) if limit is None else min(int(limit), store.size(split))
+        self.index = spread_indices(store.size(split), limit)
+        n = len(self.index)
         self.lo, self.hi = rank * n // world, (rank + 1) * n // world
         self.starts = list(range(self.lo, self.hi, batch_size))
 
@@ -118,7 +130,7 @@ class _EvalBatches(Dataset):
 
     def __getitem__(self, j: int):
         s = self.starts[j]
-        idx = np.arange(s, min(self.hi, s + self.batch_size))
+        idx = self.index[s : min(self.hi, s + self.batch_size)]
         labels = torch.from_numpy(self.store.labels(self.split)[idx].astype(np.int64))
         pos, fl = self.spec.eval_layout(self.views)
         v, c = len(pos), self.spec.crop
@@ -269,10 +281,10 @@ def make_eval_loader(
     world_size: int = 1,
     limit: int | None = None,
 ):
-    """Every image of `split` (or of its first `limit`) exactly once, in store order (rank r of
-    W gets the r-th of W contiguous blocks; the last batch may be short): images (B, 3, c, c)
-    for views=1 (the centre crop) or (B, 10, 3, c, c) for views=10 (ten_crop order), mean
-    subtracted, no lighting."""
+    """Every image of `split` (or `limit` of them spread evenly over it, see spread_indices)
+    exactly once, in store order (rank r of W gets the r-th of W contiguous blocks; the last
+    batch may be short): images (B, 3, c, c) for views=1 (the centre crop) or (B, 10, 3, c, c)
+    for views=10 (ten_crop order), mean subtracted, no lighting."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
     workers = default_loader_workers() if workers is None else workers

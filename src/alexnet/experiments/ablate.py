@@ -207,37 +207,17 @@ def run_spec(
     return json.loads(json.dumps(spec))  # as it reads back from JSON (tuples become lists)
 
 
-def spread_indices(size: int, n: int) -> np.ndarray:
-    """n indices spread evenly over 0..size-1: a class-balanced sample even of a store whose
-    images are sorted by class (folder trees are), unlike the first n."""
-    if n >= size:
-        return np.arange(size)
-    return np.unique(np.linspace(0, size - 1, n).round().astype(np.int64))
-
-
 def _evaluate(trainer, split: str, limit: int, batch_size: int = 32) -> dict[str, Any]:
     """Top-1/top-5 error of the trained net on `limit` images spread over `split` (centre view,
-    Sec. 4.1, the store's statistics), through evaluate_model."""
-    import torch
-
-    from alexnet.data import preprocess
+    Sec. 4.1, the store's statistics), through the evaluation loader and evaluate_model."""
+    from alexnet.data import make_eval_loader
     from alexnet.evaluate import evaluate_model
 
-    store, data = trainer.store, trainer.profile.data
-    idx = spread_indices(store.size(split), limit)
-    labels = store.labels(split)
-
-    def batches():
-        for s in range(0, len(idx), batch_size):
-            part = idx[s : s + batch_size]
-            x = torch.stack(
-                [preprocess(store.image(split, int(i)), data, store.stats) for i in part]
-            )
-            yield x, torch.as_tensor(labels[part], dtype=torch.int64)
-
-    return evaluate_model(
-        trainer.model, batches(), views=1, mode=trainer.mode, device=trainer.device
-    )
+    loader = make_eval_loader(
+        trainer.store, trainer.profile.data, batch_size, split=split, workers=0,
+        device=trainer.device, limit=limit,
+    )  # fmt: skip
+    return evaluate_model(trainer.model, loader, views=1, mode=trainer.mode, device=trainer.device)
 
 
 def train_one(cfg: AblateConfig, variant: Variant, seed: int, store: Path) -> dict[str, Any]:
