@@ -6,6 +6,10 @@ then initialises the process group (NCCL on GPUs, gloo on CPUs) and gives the tr
 
 The rule for batch and lr: --batch-size is the GLOBAL batch (default the paper's 128), split
 evenly over the ranks, so the lr and the results do not depend on the number of ranks.
+
+With --model-parallel 2 every rank is one replica of the paper's two-tower net on two GPUs
+(local rank l drives cuda:2l and cuda:2l+1), so a node with 8 GPUs runs 4 ranks; DDP then
+averages the gradients of the replicas (device_ids=None, as DDP wants for multi-device modules).
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ class Context:
     rank: int
     world_size: int
     local_rank: int
-    device: torch.device
+    device: torch.device  # the first of `devices`: inputs, outputs, the loss
+    devices: list[torch.device]  # one model replica's devices (two with --model-parallel 2)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        one_gpu = self.device.type == "cuda" and len(self.devices) == 1
+        return DDP(model, device_ids=[self.device.index] if one_gpu else None)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         backend_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -47,7 +52,7 @@ def launched_by_torchrun() -> bool:
 
 
 @contextlib.contextmanager
-def context(device: str = "auto", requested: bool = False):
+def context(device: str = "auto", requested: bool = False, model_parallel: int = 1):
     """A Context under torchrun (or None in a plain single process)."""
     if not launched_by_torchrun():
         if requested:
@@ -61,13 +66,20 @@ def context(device: str = "auto", requested: bool = False):
     local = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if use_cuda:
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
+        first, count = local * model_parallel, torch.cuda.device_count()
+        if first + model_parallel > count:
+            raise ValueError(
+                f"local rank {local} with --model-parallel {model_parallel} needs cuda:{first}.."
+                f"cuda:{first + model_parallel - 1}; this node has {count} GPUs: launch at most "
+                f"{count // model_parallel} processes per node"
+            )
+        torch.cuda.set_device(first)
+        devices = [torch.device("cuda", first + i) for i in range(model_parallel)]
     else:
-        dev = torch.device("cpu")
+        devices = [torch.device("cpu")] * model_parallel
     backend = "nccl" if use_cuda else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     try:
-        yield Context(rank, world, local, dev)
+        yield Context(rank, world, local, devices[0], devices)
     finally:
         dist.destroy_process_group()

@@ -58,6 +58,9 @@ class RunConfig:
     out: str = ""  # the run folder
     seed: int = 0
     device: str = "auto"  # "auto": cuda if available, else cpu
+    # Sec. 3.2: 2 puts tower A on one device and tower B on the next (cuda:k, cuda:k+1); on a
+    # CPU both towers run in one process, which computes the same function (tests).
+    model_parallel: int = 1
     workers: int | None = None  # loader worker processes (None: the loader's default)
     fast: bool = True  # mixed precision / channels_last where measured faster (speed.py)
     compile: bool | None = None  # torch.compile (None: as speed.default_fast_mode says)
@@ -72,6 +75,25 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def model_devices(name: str, model_parallel: int = 1) -> list[torch.device]:
+    """The devices of one model replica: [d] or, for the paper's two towers, [d, next GPU]."""
+    if model_parallel not in (1, 2):
+        raise ValueError(
+            f"--model-parallel must be 1 or 2 (the paper's two towers), got {model_parallel}"
+        )
+    dev = resolve_device(name)
+    if dev.type != "cuda":
+        return [dev] * model_parallel
+    first = dev.index if dev.index is not None else 0
+    count = torch.cuda.device_count()
+    if first + model_parallel > count:
+        raise ValueError(
+            f"--model-parallel {model_parallel} from cuda:{first} needs {model_parallel} GPUs "
+            f"(cuda:{first}..cuda:{first + model_parallel - 1}); this machine has {count}"
+        )
+    return [torch.device("cuda", first + i) for i in range(model_parallel)]
 
 
 def _parse_value(text: str, current: Any) -> Any:
@@ -199,7 +221,9 @@ class Trainer:
         self.rank = dist.rank if dist else 0
         self.world = dist.world_size if dist else 1
         self.is_main = self.rank == 0
-        self.device = dist.device if dist else resolve_device(run.device)
+        # One model replica's devices (two with --model-parallel 2); data and outputs on the first.
+        self.devices = dist.devices if dist else model_devices(run.device, run.model_parallel)
+        self.device = self.devices[0]
         self.store = open_store(run.data)
         if "train" not in self.store.splits:
             raise ValueError(f"{run.data}: the store has no 'train' split")
@@ -210,7 +234,7 @@ class Trainer:
         self.local_batch = t.batch_size // self.world  # the global batch is the recipe's
 
         torch.manual_seed(run.seed)
-        model = build_model(profile, num_classes=self.num_classes, devices=[self.device])
+        model = build_model(profile, num_classes=self.num_classes, devices=self.devices)
         self.mode = self._fast_mode()
         self.model = prepare_model(model, self.mode)  # the plain module: state_dict, eval
         self.optimizer = make_optimizer(self.model, t)
@@ -252,6 +276,7 @@ class Trainer:
             "run": dataclasses.asdict(self.run),
             "derived": {
                 "device": str(self.device),
+                "model_devices": [str(d) for d in self.devices],
                 "world_size": self.world,
                 "per_rank_batch": self.local_batch,
                 "steps_per_epoch": self.steps_per_epoch,
@@ -610,6 +635,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="override any profile value, e.g. --set model.lrn=false --set data.lighting_std=0",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument(
+        "--model-parallel",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        metavar="{1,2}",
+        help="2: the paper's two towers on two GPUs (cuda:k and cuda:k+1); with torchrun, each "
+        "rank drives 2 GPUs (default 1)",
+    )
     p.add_argument("--workers", type=int, help="data loader worker processes")
     p.add_argument("--no-fast", action="store_true", help="float32 and default memory format")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
@@ -644,6 +678,12 @@ def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
             raise ValueError(f"{cfg_path}: not a run of this program")
         profile = profile_from_dict(saved["profile"])
         run = RunConfig(**saved["run"])
+        mp = getattr(args, "model_parallel", None)
+        if mp is not None and mp != run.model_parallel:
+            raise ValueError(
+                f"{out} was trained with --model-parallel {run.model_parallel}; its optimiser "
+                f"state is laid out for that and it resumes only with the same (got {mp})"
+            )
         # --max-steps belongs to one invocation, not to the run: a resumed run goes on to its end.
         changes = {"out": str(out), "max_steps": args.max_steps}
         for flag, field in (("device", "device"), ("workers", "workers")):
@@ -677,6 +717,7 @@ def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
         out=str(out),
         seed=args.seed,
         device=args.device,
+        model_parallel=args.model_parallel or 1,
         workers=args.workers,
         fast=not args.no_fast,
         compile=args.compile,
@@ -705,7 +746,9 @@ def cmd_train(args) -> int:
         # torchrun restarted the workers after a failure (--max-restarts): continue the run.
         args.resume = args.out
     profile, run, resume = config_from_args(args)
-    with distributed.context(run.device, requested=args.distributed) as dist:
+    with distributed.context(
+        run.device, requested=args.distributed, model_parallel=run.model_parallel
+    ) as dist:
         trainer = Trainer(profile, run, resume=resume, dist=dist)
         try:
             result = trainer.fit()
