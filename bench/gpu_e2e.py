@@ -184,11 +184,15 @@ def main():
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--markdown", metavar="FILE", help="also write the table into FILE")
     args = ap.parse_args()
     import os
 
+    from alexnet.bench import machine_info
+
     workers = args.workers if args.workers is not None else (os.cpu_count() or 2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    machine = machine_info(device)
     root = Path(args.dir or tempfile.mkdtemp(prefix="alexnet-gpu-"))
     src, store = root / "jpegs", root / "store"
     t0 = time.perf_counter()
@@ -203,6 +207,8 @@ def main():
     r_base, u_base = baseline(
         src / "train", device, args.batch_size, args.steps, args.warmup, workers
     )
+    if hasattr(os, "getloadavg"):
+        machine["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -222,7 +228,41 @@ def main():
         f"| torchvision reference loop: ImageFolder JPEG, fp32 | {r_base:.0f} | {u_base} |\n"
         f"ratio {r_ours / r_base:.2f}x"
     )
+    if args.markdown:
+        write_markdown(args, result, machine)
     print(json.dumps(result))
+
+
+def write_markdown(args, result: dict, machine: dict) -> None:
+    """The end-to-end table as a BENCHMARKS.md section (alexnet.bench's section format)."""
+    from alexnet.bench import machine_lines, markers, section_name, write_section
+
+    begin, end = markers(section_name("bench e2e", machine))
+    r = result
+    command = (
+        f"python bench/gpu_e2e.py --images {args.images} --steps {args.steps} --warmup "
+        f"{args.warmup} --batch-size {args.batch_size} --workers {r['workers']}"
+    )
+    lines = [
+        begin,
+        f"## End-to-end training throughput ({r['device']})",
+        "",
+        *machine_lines(machine, command),
+        f"- {args.images:,} generated JPEGs prepared into a store in {r['prepare_seconds']:.0f} s; "
+        f"{args.warmup} warm-up + {args.steps} timed training steps of {r['batch_size']} per "
+        f"loop, {r['workers']} loader workers; GPU busy % sampled with nvidia-smi.",
+        "",
+        "| loop | images/s | GPU busy % |",
+        "|---|---:|---:|",
+        f"| ours: store + make_train_loader + paper net, {r['ours_mode']} | "
+        f"{r['ours_images_per_s']:.0f} | {r['ours_gpu_util_percent']} |",
+        "| baseline: torchvision reference loop, ImageFolder JPEG, fp32 | "
+        f"{r['baseline_images_per_s']:.0f} | {r['baseline_gpu_util_percent']} |",
+        "",
+        f"Ratio: **{r['ratio']:.2f}x**.",
+        end,
+    ]
+    write_section(args.markdown, "\n".join(lines))
 
 
 if __name__ == "__main__":

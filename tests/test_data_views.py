@@ -162,8 +162,9 @@ def test_preprocess_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_data_reports_both_sides(capsys):
-    """`alexnet bench data --json` at its smallest: one JSON object with both rates."""
+def test_bench_data_reports_both_sides(capsys, tmp_path):
+    """`alexnet bench data --json` at its smallest: one JSON object with both rates, and its
+    section written into a BENCHMARKS.md beside another benchmark's, which it leaves alone."""
     import argparse
     import json
 
@@ -171,7 +172,11 @@ def test_bench_data_reports_both_sides(capsys):
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--json", "--images", "512", "--workers", "1", "--seconds", "0"])
+    md = tmp_path / "BENCHMARKS.md"
+    other = "<!-- alexnet bench model: begin -->\nmodel table\n<!-- alexnet bench model: end -->"
+    md.write_text(f"# Benchmarks\n\n{other}\n")
+    args = parser.parse_args(["--json", "--images", "512", "--workers", "1", "--seconds", "0",
+                              "--markdown", str(md)])  # fmt: skip
     threads = torch.get_num_threads()
     assert bench.run(args) == 0
     assert torch.get_num_threads() == threads
@@ -180,3 +185,10 @@ def test_bench_data_reports_both_sides(capsys):
     assert r["loader_images_per_s"] > 0 and r["baseline_images_per_s"] > 0
     assert abs(r["ratio"] - r["loader_images_per_s"] / r["baseline_images_per_s"]) < 0.02
     assert 2000 < r["store_bytes_per_image"] < r["source_jpeg_bytes_per_image"]
+    assert r["machine"]["cores"] >= 1 and "--images 512" in r["command"]
+    text = md.read_text()
+    assert other in text and text.count("alexnet bench data, 1 workers: begin") == 1
+    assert f"| {r['loader_images_per_s']:.0f} |" in text and f"{r['ratio']:.2f}x" in text
+    # Run again: the section is replaced, not repeated.
+    assert bench.run(args) == 0
+    assert md.read_text().count("alexnet bench data, 1 workers: begin") == 1

@@ -406,23 +406,41 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-MD_BEGIN, MD_END = "<!-- alexnet bench model: begin -->", "<!-- alexnet bench model: end -->"
+def section_name(what: str, machine: dict) -> str:
+    """The name of a BENCHMARKS.md section: one per benchmark and device kind, so that a GPU
+    run adds its sections beside the CPU's instead of replacing them."""
+    device = machine.get("device", "cpu")
+    return what if device.startswith("cpu") else f"{what} ({device.split(':')[0]})"
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- alexnet {name}: begin -->", f"<!-- alexnet {name}: end -->"
+
+
+def machine_lines(m: dict, command: str) -> list[str]:
+    """The machine, software, date, load and command of a run, as Markdown list items."""
+    return [
+        f"- Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+        f"native bf16: {m['cpu_bf16']}; device {m['device']}"
+        + (f" ({m['gpu']}, CUDA {m['cuda']})" if "gpu" in m else ""),
+        f"- torch {m['torch']}, Python {m['python']}; date {m['date']}; load average "
+        f"{m.get('loadavg_start')} -> {m.get('loadavg_end')} (other work on the machine)",
+        f"- Command: `{command}`",
+    ]
 
 
 def format_markdown(result: dict) -> str:
     """The result as a Markdown section (machine, date, command, table, ratios)."""
     m, s = result["machine"], result["settings"]
     peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["peak_gflops"].items())
+    begin, end = markers(section_name("bench model", m))
     lines = [
-        MD_BEGIN,
-        "## Model speed: training step and inference (`alexnet bench model`)",
+        begin,
+        "## Model speed: training step and inference (`alexnet bench model`"
+        + (f", {m['device']}" if not m["device"].startswith("cpu") else "")
+        + ")",
         "",
-        f"- Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
-        f"native bf16: {m['cpu_bf16']}; device {m['device']}"
-        + (f" ({m['gpu']}, CUDA {m['cuda']})" if "gpu" in m else ""),
-        f"- torch {m['torch']}, Python {m['python']}; date {m['date']}; load average "
-        f"{m.get('loadavg_start')} -> {m.get('loadavg_end')} (other work on the machine)",
-        f"- Command: `{s.get('command', 'alexnet bench model')}`",
+        *machine_lines(m, s.get("command", "alexnet bench model")),
         f"- Batch {s['batch_size']}, {s['warmup']} warm-up + {s['steps']} timed steps per "
         f"configuration, interleaved; medians. Optimiser {s['optimizer']}. Allocator tuned: "
         f"{s['allocator_tuned']}. Matrix peak (same run): {peaks}.",
@@ -444,25 +462,31 @@ def format_markdown(result: dict) -> str:
         )
     lines += ["", "| ratio (training images/s) | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f}x |" for k, v in result["ratios"].items()]
-    lines.append(MD_END)
+    lines.append(end)
     return "\n".join(lines)
 
 
-def write_markdown(path: str, result: dict) -> None:
-    """Write the section into `path`, replacing an earlier `bench model` section if any."""
-    section = format_markdown(result)
+def write_section(path: str, section: str) -> None:
+    """Write a section (from its begin marker to its end marker) into the Markdown file `path`,
+    replacing the earlier section of the same name if there is one, else appending it."""
+    begin, end = section.splitlines()[0], section.splitlines()[-1]
     try:
         with open(path) as f:
             text = f.read()
     except FileNotFoundError:
         text = "# Benchmarks\n\nEvery figure here is written by `alexnet bench`.\n"
-    if MD_BEGIN in text and MD_END in text:
-        head, rest = text.split(MD_BEGIN, 1)
-        text = head + section + rest.split(MD_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     with open(path, "w") as f:
         f.write(text)
+
+
+def write_markdown(path: str, result: dict) -> None:
+    """Write `bench model`'s section into `path`, replacing an earlier one if any."""
+    write_section(path, format_markdown(result))
 
 
 def _model_command(args) -> int:

@@ -256,6 +256,50 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--seconds", type=float, default=3.0, help="time each side at least this long (default 3)"
     )
+    parser.add_argument(
+        "--markdown", metavar="FILE", help="also write the result into FILE (BENCHMARKS.md)"
+    )
+
+
+def format_markdown(result: dict) -> str:
+    """The result as a BENCHMARKS.md section: machine, date, command, baseline, table."""
+    from alexnet.bench import machine_lines, markers, section_name
+
+    m, r = result["machine"], result
+    # One section per core count: a 16-core GPU host's figures sit beside a 2-core laptop's.
+    begin, end = markers(section_name(f"bench data, {r['workers']} workers", {"device": "cpu"}))
+    rows = [
+        ("loader: store + make_train_loader", r["loader_images_per_s"],
+         r["loader_images_per_s_per_worker"], r["loader_images_per_cpu_s"]),
+        ("baseline: ImageFolder JPEG + torchvision transforms", r["baseline_images_per_s"],
+         r["baseline_images_per_s_per_worker"], r["baseline_images_per_cpu_s"]),
+    ]  # fmt: skip
+    lines = [
+        begin,
+        "## Data loading: training batches (`alexnet bench data`)",
+        "",
+        *machine_lines(m, r["command"]),
+        f"- {r['images']:,} JPEGs of ImageNet-typical size "
+        f"({r['source_jpeg_bytes_per_image'] / 1024:.0f} KiB each) made from scikit-image's "
+        "photos; both sides read the same images with "
+        f"{r['workers']} worker process(es), batch {r['batch_size']}, timed in steady state "
+        f"over {r['epochs']} alternating epochs each.",
+        f"- Ours: the prepared store (`alexnet prepare`, {r['encoding']} records, "
+        f"{r['store_bytes_per_image'] / 1024:.1f} KiB per image; prepared at "
+        f"{r['prepare_images_per_s']:.0f} images/s) read by make_train_loader: random 224 crop, "
+        "flip, PCA lighting, mean image subtracted (Sec. 2, 4.1), float32 batches.",
+        "- Baseline: torchvision ImageFolder over the JPEGs, RandomCrop(224), "
+        "RandomHorizontalFlip, ToTensor, Normalize, DataLoader(shuffle=True).",
+        "",
+        "| loader | images/s | per worker | per CPU-second |",
+        "|---|---:|---:|---:|",
+        *[f"| {name} | {a:.0f} | {b:.0f} | {c:.0f} |" for name, a, b, c in rows],
+        "",
+        f"Ratio: **{r['ratio']:.2f}x** in images/s, {r['ratio_per_cpu_s']:.2f}x per CPU-second "
+        "(which counts worker start-up as well).",
+        end,
+    ]
+    return "\n".join(lines)
 
 
 def run(args) -> int:
@@ -266,6 +310,11 @@ def run(args) -> int:
     workers = args.workers if args.workers is not None else default_workers()
     if workers < 1:
         raise ValueError("--workers must be at least 1")
+    import torch
+
+    from alexnet.bench import machine_info, write_section
+
+    machine = machine_info(torch.device("cpu"))
     result = run_bench(
         args.images,
         workers,
@@ -273,6 +322,15 @@ def run(args) -> int:
         min_seconds=args.seconds,
         log=(lambda *a: None) if args.json else print,
     )
+    if hasattr(os, "getloadavg"):
+        machine["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    result["machine"] = machine
+    result["command"] = (
+        f"alexnet bench data --images {args.images} --workers {workers} --encoding "
+        f"{args.encoding} --seconds {args.seconds:g}"
+    )
+    if args.markdown:
+        write_section(args.markdown, format_markdown(result))
     if args.json:
         print(json.dumps(result))
     else:
