@@ -214,7 +214,7 @@ def main():
         "torch": torch.__version__,
         "workers": workers,
         "batch_size": args.batch_size,
-        "ours_mode": str(mode),
+        "ours_mode": mode.label,
         "ours_images_per_s": r_ours,
         "ours_gpu_util_percent": u_ours,
         "baseline_images_per_s": r_base,
@@ -224,7 +224,7 @@ def main():
     }
     print(
         f"\n| loop | images/s | GPU busy % |\n|---|---|---|\n"
-        f"| ours: store + paper net, {mode} | {r_ours:.0f} | {u_ours} |\n"
+        f"| ours: store + paper net, {mode.label} | {r_ours:.0f} | {u_ours} |\n"
         f"| torchvision reference loop: ImageFolder JPEG, fp32 | {r_base:.0f} | {u_base} |\n"
         f"ratio {r_ours / r_base:.2f}x"
     )
