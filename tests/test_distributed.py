@@ -25,11 +25,12 @@ def torchrun(nproc: int, args: list[str], **popen) -> subprocess.Popen:
 
 
 # A well-conditioned recipe (the demo's: He init, standardised inputs) so that float summation
-# order, the only allowed difference, is not amplified by a chaotic start; 4 steps of 8 per epoch.
+# order, the only allowed difference, is not amplified by a chaotic start; 4 steps of 8 per epoch;
+# the paper's dropout, whose masks the ranks must share out exactly.
 DDP_ARGS = [
     "--profile", "demo", "--epochs", "2", "--batch-size", "8", "--seed", "3", "--no-fast",
     "--log-every", "1", "--val-limit", "6", "--workers", "0", "--set", "train.epoch_images=32",
-    "--set", "train.lr=0.0005",
+    "--set", "train.lr=0.0005", "--set", "model.dropout=0.5",
 ]  # fmt: skip
 
 
@@ -99,7 +100,7 @@ def test_model_parallel_training_step_equals_the_one_device_step():
     nets = []
     for devices in (["cpu"], ["cpu", "cpu"]):
         torch.manual_seed(0)
-        net = build_model("demo", num_classes=5, devices=devices).double()
+        net = build_model("demo", num_classes=5, devices=devices, dropout=0.5).double()
         opt = make_optimizer(net, train)
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(6, 3, 224, 224, generator=gen, dtype=torch.float64)

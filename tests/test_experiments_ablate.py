@@ -44,6 +44,21 @@ def test_variants_cover_the_paper_and_build():
     assert A.variant_profile(cfg, A.BY_KEY["dropout"]).model.dropout == 0
     assert A.variant_profile(cfg, A.BY_KEY["towers"]).model.towers == 1
     assert A.variant_profile(cfg, A.BY_KEY["conv4"]).model.drop_conv == 4
+    # The baseline is the paper's net whatever the base recipe (Sec. 3.2-4.2: two towers, LRN,
+    # overlapping pooling, PCA lighting std 0.1, dropout 0.5, all five conv layers) ...
+    for profile in ("demo", "paper", "caffe"):
+        base = A.variant_profile(A.AblateConfig(profile=profile), A.BY_KEY["baseline"])
+        m = base.model
+        assert (m.lrn, m.pool, m.dropout, m.towers, m.drop_conv) == (True, "overlap", 0.5, 2, None)
+        assert base.data.lighting_std == 0.1
+    # ... and each row differs from it in one field only.
+    base = A.variant_profile(cfg, A.BY_KEY["baseline"])
+    for v in A.VARIANTS[1:]:
+        p = A.variant_profile(cfg, v)
+        diff = [(sec, f) for sec in ("model", "data", "train")
+                for f in getattr(p, sec).__dataclass_fields__
+                if getattr(getattr(p, sec), f) != getattr(getattr(base, sec), f)]  # fmt: skip
+        assert len(diff) == 1, (v.key, diff)
     assert A.parse_only("conv,lrn") == ("conv3", "conv4", "conv5", "lrn")
     with pytest.raises(ValueError, match="valid rows"):
         A.parse_only("lrn,bogus")
