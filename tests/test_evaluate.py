@@ -92,7 +92,12 @@ def test_predict_real_photos_and_a_broken_file(random_weights, photos, capsys):
     assert rc != 0  # a file failed
     out = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in out] == [str(p) for p in paths]
-    assert "error" in out[1] and "error" in out[4]
+    assert out[4]["error"] == "no such file"
+    assert out[1]["error"] and str(paths[1]) not in out[1]["error"]  # the reason, once
+    # Without --json: one line per failed file, naming it once, on stderr.
+    assert cli_main(["predict", str(random_weights), str(paths[1]), str(paths[4])]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"{paths[1]}: error: {out[1]['error']}", f"{paths[4]}: error: no such file"]
     loaded = load_model(random_weights)
     for r in (out[0], out[2], out[3]):
         preds = r["predictions"]

@@ -221,10 +221,13 @@ def predict_images(
     for path in paths:
         try:
             if not Path(path).exists():
-                raise ValueError(f"{path}: no such file")
+                raise ValueError("no such file")
             x = preprocess(path, loaded.profile.data, loaded.stats, views=views)
         except (ValueError, OSError) as e:
-            results.append({"path": path, "error": str(e).splitlines()[0]})
+            msg = str(e).splitlines()[0]
+            # The reason alone: the result (and the printed line) name the path already.
+            msg = msg.removeprefix(f"{path}: ")
+            results.append({"path": path, "error": msg})
             continue
         x = x.reshape(-1, *x.shape[-3:]).to(device)
         with torch.no_grad():

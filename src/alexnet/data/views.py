@@ -321,16 +321,13 @@ def preprocess(image, data: DataConfig, stats, views: int = 1) -> torch.Tensor:
     """A PIL image or an image file, prepared exactly as the store's images (Sec. 2: EXIF
     orientation, RGB, shorter side to S, central S x S), then the evaluation view(s) with the
     mean subtracted: (3, c, c) for views=1, (10, 3, c, c) for views=10."""
-    from alexnet.data.images import UnreadableImage, paper_image
+    from alexnet.data.images import paper_image
 
     if isinstance(image, str | Path):
         p = Path(image)
         if not p.exists():
             raise FileNotFoundError(f"no image file {p}")
-    try:
-        pic = paper_image(image, data.image_size)
-    except UnreadableImage as e:
-        raise ValueError(f"cannot read the image: {e}") from None
+    pic = paper_image(image, data.image_size)  # UnreadableImage (a ValueError) names the file
     spec = ViewSpec.build(data, stats, data.image_size, lighting=False)
     planar = np.ascontiguousarray(pic.transpose(2, 0, 1))
     pos, flips = spec.eval_layout(views)
