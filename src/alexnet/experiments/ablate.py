@@ -105,8 +105,8 @@ PAPER_CHOICES = (
     "model.towers=2", "model.drop_conv=none",
 )  # fmt: skip
 
-QUICK = dict(seeds=1, steps=24, batch_size=None, val_limit=320, store_limit=2000)
-FULL = dict(seeds=2, steps=2000, batch_size=None, val_limit=10000, store_limit=None)
+QUICK = dict(seeds=1, steps=24, batch_size=64, val_limit=320, store_limit=2000)
+FULL = dict(seeds=2, steps=2000, batch_size=64, val_limit=10000, store_limit=None)
 
 
 @dataclass
@@ -578,7 +578,7 @@ def add_commands(sub) -> None:
     p.add_argument("--quick", action="store_true", help=f"minutes on a 2-core CPU: {QUICK}")
     p.add_argument("--seeds", type=int, help=f"seeds per row (full {FULL['seeds']})")
     p.add_argument("--steps", type=int, help=f"training steps per run (full {FULL['steps']})")
-    p.add_argument("--batch-size", type=int, help="batch size (default: the profile's)")
+    p.add_argument("--batch-size", type=int, help="batch size (default 64, quick and full)")
     p.add_argument(
         "--val-limit",
         type=int,
