@@ -285,3 +285,29 @@ def test_torchvision_layout_loads_torchvision_state_dict_exactly():
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(ours(x), ref(x))
+
+
+def test_demo_recipe_keeps_the_papers_network():
+    """The demo may change the recipe, not the network (training issue): every architectural
+    field of its ModelConfig is the paper's (Sec. 3: two towers, 224 input, ReLU, LRN n=5 k=2
+    alpha=1e-4 beta=0.75, overlapping pooling, five conv layers); only the initialisation and the
+    training-time dropout differ, and its parameter count is the paper's 60,965,224 (the facts
+    file, 1000 classes)."""
+    import dataclasses
+
+    from alexnet.config import get_profile
+
+    demo, paper = get_profile("demo").model, get_profile("paper").model
+    differ = {
+        f.name for f in dataclasses.fields(demo) if getattr(demo, f.name) != getattr(paper, f.name)
+    }
+    assert differ <= {"init_std", "init_bias", "dropout"}, differ
+    assert (demo.towers, demo.input_size, demo.lrn_size, demo.lrn_k) == (2, 224, 5, 2.0)
+    assert (demo.lrn_alpha, demo.lrn_beta, demo.pool, demo.drop_conv) == (
+        1e-4,
+        0.75,
+        "overlap",
+        None,
+    )
+    n = sum(p.numel() for p in build_model("demo", num_classes=1000).parameters())
+    assert n == 60_965_224
