@@ -347,3 +347,16 @@ def test_schedule_rejects_bad_settings():
         LRSchedule(TrainConfig(schedule="cosine"), steps_per_epoch=1)
     with pytest.raises(ValueError):
         LRSchedule(PAPER.train, steps_per_epoch=0)
+
+
+def test_curves_mark_schedule_drops_not_a_linear_decay():
+    """curves.png's "lr / 10" lines: the trainer's recorded drops when present (none for the
+    demo's linear decay, whose last logged lrs fall 20-fold); otherwise plateau flags and
+    tenfold falls between logged steps."""
+    from alexnet.plots import lr_drop_epochs
+
+    lin = [{"epoch": e / 10, "lr": 0.02 * (1 - e / 10) + 1e-5} for e in range(1, 11)]
+    assert lr_drop_epochs(lin, [{"epoch": 1, "lr_drops": []}]) == []
+    assert lr_drop_epochs([], [{"epoch": 30, "lr_drops": [25.0]}]) == [25.0]
+    steps = [{"epoch": 0.5, "lr": 0.01}, {"epoch": 1.5, "lr": 0.001}, {"epoch": 2.5, "lr": 0.001}]
+    assert lr_drop_epochs(steps, [{"epoch": 1}, {"epoch": 2, "lr_dropped": True}]) == [1.5, 2]

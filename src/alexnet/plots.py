@@ -22,6 +22,22 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     return steps, epochs
 
 
+def lr_drop_epochs(steps: list[dict], epochs: list[dict]) -> list[float]:
+    """Where curves.png marks "lr / 10". An lr drop decided after epoch e acts from epoch e on
+    (the plateau rule / the schedule). The trainer records the schedule's drops in every epoch
+    line ("lr_drops"); a smooth decay (the demo's linear schedule) has none, however fast its
+    last steps fall. For metrics without them: the plateau flags, and tenfold falls between
+    logged steps."""
+    if epochs and "lr_drops" in epochs[-1]:
+        return sorted(set(epochs[-1]["lr_drops"]))
+    drops = [r["epoch"] for r in epochs if r.get("lr_dropped")]
+    lrs = [(r["epoch"], r["lr"]) for r in steps]
+    for (_, lr0), (e1, lr1) in zip(lrs, lrs[1:], strict=False):
+        if lr1 <= lr0 * 0.15:
+            drops.append(e1)
+    return sorted(set(drops))
+
+
 def plot_curves(metrics: str | Path, out: str | Path) -> Path:
     """curves.png: train/val loss and val top-1/top-5 error against epochs, lr drops marked."""
     steps, epochs = read_metrics(metrics)
@@ -39,18 +55,16 @@ def plot_curves(metrics: str | Path, out: str | Path) -> Path:
         ax_loss.plot(e, [r["val_loss"] for r in epochs], "o-", label="val loss")
         ax_err.plot(e, [100 * r["val_top1_error"] for r in epochs], "o-", label="val top-1 error")
         ax_err.plot(e, [100 * r["val_top5_error"] for r in epochs], "s-", label="val top-5 error")
-    # An lr drop decided after epoch e acts from epoch e on (the plateau rule / the schedule).
-    drops = [r["epoch"] for r in epochs if r.get("lr_dropped")]
-    lrs = [(r["epoch"], r["lr"]) for r in steps]
-    for (_, lr0), (e1, lr1) in zip(lrs, lrs[1:], strict=False):
-        if lr1 < lr0 * 0.5:
-            drops.append(e1)
-    for i, d in enumerate(sorted(set(drops))):
+    drops = lr_drop_epochs(steps, epochs)
+    for i, d in enumerate(drops):
         for ax in (ax_loss, ax_err):
             ax.axvline(d, color="grey", ls="--", lw=0.8, label="lr / 10" if i == 0 else None)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax_err.set(xlabel="epoch", ylabel="error (%)", title="validation error (centre view)")
+    last = max([r["epoch"] for r in steps + epochs], default=0)
     for ax in (ax_loss, ax_err):
+        if last > 0:  # both panels on the run's whole span (one point alone would fill an axis)
+            ax.set_xlim(0, last * 1.03)
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize=8)

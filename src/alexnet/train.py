@@ -519,6 +519,7 @@ class Trainer:
             "val_images": v["images"],
             "lr": self.optimizer.param_groups[0]["lr"],
             "lr_dropped": dropped,
+            "lr_drops": self.schedule.drops,  # every drop so far, for curves.png
             "seconds": train_seconds,
         }
         self.history.append(rec)
