@@ -16,6 +16,7 @@ from alexnet.cli import main as cli_main
 from alexnet.config import get_profile
 from alexnet.evaluate import evaluate_model, load_model
 from alexnet.model import build_model
+from alexnet.speed import default_fast_mode
 from alexnet.train import preprocess_tensors, weights_metadata
 
 
@@ -71,6 +72,13 @@ def test_evaluate_command_json(tiny_store, random_weights, capsys):
         assert key in r
     assert r["views"] == 10 and r["images"] == 12
     assert len(r["per_class_top1_error"]) == 3
+    assert r["mode"] == default_fast_mode(torch.device("cpu")).label  # as training validates
+    # --no-fast: float32, the independent computation's arithmetic.
+    rc = cli_main(["evaluate", str(random_weights), "--data", str(tiny_store), "--json",
+                   "--workers", "0", "--no-fast"])  # fmt: skip
+    assert rc == 0
+    r32 = json.loads(capsys.readouterr().out)
+    assert r32["mode"] == "fp32" and r32["images"] == 12
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ the centre crop alone (what most later papers report).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -177,23 +178,33 @@ def cmd_evaluate(args) -> int:
     loader = make_eval_loader(
         store,
         loaded.profile.data,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or max(1, 128 // args.views),
         views=args.views,
         split=args.split,
         workers=args.workers,
         device=device,
         limit=args.limit,
     )
+    from alexnet.speed import FastMode, default_fast_mode, prepare_model
+
+    # As training validates: bf16 autocast and channels_last where faster (speed.py).
+    mode = FastMode() if args.no_fast else default_fast_mode(device)
+    mode = dataclasses.replace(mode, compile=False)
+    model = prepare_model(loaded.model, mode)
     r = evaluate_model(
-        loaded.model,
+        model,
         loader,
         views=args.views,
+        mode=mode,
         device=device,
         limit=args.limit,
         progress=sys.stderr.isatty() and not args.json,
         num_classes=len(loaded.classes) if args.per_class else None,
     )
-    r.update({"weights": str(loaded.path), "data": str(args.data), "split": args.split})
+    r.update(
+        {"weights": str(loaded.path), "data": str(args.data), "split": args.split,
+         "mode": mode.label}
+    )  # fmt: skip
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -326,13 +337,23 @@ def add_commands(sub) -> None:
     p.add_argument("--data", required=True, help="a prepared store")
     p.add_argument("--split", default="val")
     p.add_argument("--views", type=int, choices=(1, 10), default=1, help="1: centre; 10: Sec. 4.1")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per batch (default 128; 12 with --views 10: about 128 crops per forward "
+        "pass, as larger passes spend their time in page faults on a CPU)",
+    )
     p.add_argument("--workers", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--limit", type=int, help="N images spread evenly over the split (a class-balanced sample)"
     )
     p.add_argument("--per-class", action="store_true", help="a per-class top-1 error table")
+    p.add_argument(
+        "--no-fast",
+        action="store_true",
+        help="float32 (default: bfloat16 autocast and channels_last where faster, as training)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
