@@ -188,7 +188,9 @@ def main():
     args = ap.parse_args()
     import os
 
-    from alexnet.bench import machine_info
+    from alexnet.bench import check_markdown_path, machine_info
+
+    check_markdown_path(args.markdown)
 
     workers = args.workers if args.workers is not None else (os.cpu_count() or 2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -152,3 +152,7 @@ def test_bad_arguments_are_clear_errors(tiny_store, tmp_path, capsys):
         cli_main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r2")]) == 2
     )
     assert cli_main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert cli_main(["train", "--data", str(tiny_store), "--out", str(tmp_path / "r3"),
+                     "--val-limit", "0"]) == 2  # fmt: skip
+    assert "--val-limit must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "r3").exists()

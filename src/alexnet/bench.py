@@ -466,6 +466,17 @@ def format_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_markdown_path(path: str | None) -> None:
+    """Fail before a benchmark runs, not after, when its --markdown file cannot be written."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--markdown {path}: no folder {folder}")
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise ValueError(f"--markdown {path}: not a writable file")
+
+
 def write_section(path: str, section: str) -> None:
     """Write a section (from its begin marker to its end marker) into the Markdown file `path`,
     replacing the earlier section of the same name if there is one, else appending it."""
@@ -490,6 +501,7 @@ def write_markdown(path: str, result: dict) -> None:
 
 
 def _model_command(args) -> int:
+    check_markdown_path(args.markdown)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # --quick: a smoke test of the whole path (tests/test_bench.py), not a measurement.
     batch = args.batch_size or (4 if args.quick else 128)

@@ -81,16 +81,17 @@ def evaluate_model(
     views: int = 1,
     mode=None,
     device: str | torch.device = "cpu",
-    limit: int | None = None,
     dist=None,
     progress: bool = False,
+    total: int | None = None,
     num_classes: int | None = None,
 ) -> dict[str, Any]:
     """Top-1/top-5 error and loss over a loader of (images, labels).
 
     views=10: images are (B, 10, 3, S, S); the ten softmax outputs are averaged (Sec. 4.1) and
     the loss is the negative log of the averaged probability of the true class.
-    With `num_classes`, also per-class top-1 errors.
+    With `num_classes`, also per-class top-1 errors. `total`: the images expected, for the
+    progress bar (a subset is the loader's business: make_eval_loader's `limit`).
     """
     from alexnet.speed import FastMode, autocast
 
@@ -107,12 +108,8 @@ def evaluate_model(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=limit or None, unit="img", desc="evaluate", dynamic_ncols=True)
+        bar = tqdm(total=total, unit="img", desc="evaluate", dynamic_ncols=True)
     for x, y in loader:
-        if limit is not None and n >= limit:
-            break
-        if limit is not None and n + len(y) > limit:
-            x, y = x[: limit - n], y[: limit - n]
         x, y = x.to(device), y.to(device)
         b = x.shape[0]
         if views > 1:
@@ -163,7 +160,7 @@ def evaluate_model(
 
 
 def cmd_evaluate(args) -> int:
-    from alexnet.data import make_eval_loader, open_store
+    from alexnet.data import make_eval_loader, open_store, spread_indices
     from alexnet.train import resolve_device
 
     device = resolve_device(args.device)
@@ -197,8 +194,8 @@ def cmd_evaluate(args) -> int:
         views=args.views,
         mode=mode,
         device=device,
-        limit=args.limit,
         progress=sys.stderr.isatty() and not args.json,
+        total=len(spread_indices(store.size(args.split), args.limit)),
         num_classes=len(loaded.classes) if args.per_class else None,
     )
     r.update(

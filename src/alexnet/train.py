@@ -708,6 +708,8 @@ def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
         profile, train=replace_checked(profile.train, "train", **train_over)
     )
     profile = apply_overrides(profile, args.set)
+    if args.val_limit is not None and args.val_limit < 1:  # before an epoch, not after it
+        raise ValueError(f"--val-limit must be at least 1, got {args.val_limit}")
     out = Path(args.out)
     if (out / "state.pt").exists() or (out / "config.json").exists():
         raise FileExistsError(

@@ -312,8 +312,9 @@ def run(args) -> int:
         raise ValueError("--workers must be at least 1")
     import torch
 
-    from alexnet.bench import machine_info, write_section
+    from alexnet.bench import check_markdown_path, machine_info, write_section
 
+    check_markdown_path(args.markdown)
     machine = machine_info(torch.device("cpu"))
     result = run_bench(
         args.images,

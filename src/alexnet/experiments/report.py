@@ -126,30 +126,22 @@ def build_report(
                 ["", "epoch", "step", "val top-1 error", "val top-5 error", "val loss", "images"],
                 [
                     [
-                        "last",
-                        last["epoch"],
-                        last.get("step"),
-                        _pct(last["val_top1_error"]),
-                        _pct(last["val_top5_error"]),
-                        f"{last['val_loss']:.4f}",
-                        last.get("val_images"),
-                    ],
-                    [
-                        "best top-1",
-                        best["epoch"],
-                        best.get("step"),
-                        _pct(best["val_top1_error"]),
-                        _pct(best["val_top5_error"]),
-                        f"{best['val_loss']:.4f}",
-                        best.get("val_images"),
-                    ],
+                        label,
+                        r["epoch"],
+                        r.get("step"),
+                        _pct(r["val_top1_error"]),
+                        _pct(r["val_top5_error"]),
+                        f"{r['val_loss']:.4f}",
+                        r.get("val_images"),
+                    ]
+                    for label, r in (("last", last), ("best top-1", best))
                 ],
             )
         )
         parts.append(
             '<p class="note">Centre view (one 224x224 patch), on the validation images the run '
-            "saw (run.val_limit). The paper's ILSVRC-2012 validation error with one CNN: 40.7% "
-            "top-1, 18.2% top-5 (ten views).</p>"
+            "saw (all, or run.val_limit spread over the split). The paper's ILSVRC-2012 "
+            "validation error with one CNN: 40.7% top-1, 18.2% top-5 (ten views).</p>"
         )
     elif steps:
         parts.append(
