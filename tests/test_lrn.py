@@ -218,8 +218,8 @@ def spatial_numpy(a: np.ndarray, k, alpha, size, beta) -> np.ndarray:
 
 
 def test_spatial_response_norm_matches_formula():
-    # layers-145's rnorm: size 5, scale 0.001 divided by 5^2, pow 0.75 (k = 2 as the profile).
-    size, alpha, beta, k = 5, 0.001 / 25, 0.75, 2.0
+    # layers-145's rnorm: size 5, scale 0.001 divided by 5^2, pow 0.75, constant 1 (the facts).
+    size, alpha, beta, k = 5, 0.001 / 25, 0.75, 1.0
     x = activations(shape=(2, 3, 7, 6), scale=20.0)
     m = SpatialResponseNorm(size, alpha, beta, k)
     ref = spatial_numpy(x.numpy(), k, alpha, size, beta)

@@ -149,8 +149,97 @@ def test_model_norm_layers_follow_the_formula(profile):
     # Large activations so the normalisation term matters (alpha * sum ~ k).
     x = torch.randn(2, 96, 7, 7, dtype=torch.float64) * 60
     got = model.norm1(x)
-    ref = lrn_reference(x, m.lrn_size, m.lrn_alpha, m.lrn_beta, m.lrn_k, groups=2)
+    # The facts: each tower normalises its own 48 maps (paper, 2012 code); Caffe's norm1 has no
+    # groups, its window runs across all 96 maps.
+    groups = 1 if profile == "caffe" else 2
+    ref = lrn_reference(x, m.lrn_size, m.lrn_alpha, m.lrn_beta, m.lrn_k, groups=groups)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    other = lrn_reference(x, m.lrn_size, m.lrn_alpha, m.lrn_beta, m.lrn_k, groups=3 - groups)
+    assert (got[:, 46:50] - other[:, 46:50]).abs().max() > 1e-3  # the tower boundary matters
+
+
+def test_cuda_convnet_spatial_norm_has_constant_one():
+    """layers-145's rnorm after conv2: 1 + 0.001/25 * sum over the 5x5 window, to the 0.75 (the
+    2012 code's spatial kernels have no minDiv, i.e. no k = 2), computed here in float64."""
+    model = build_model("cuda-convnet", num_classes=10)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64) * 80
+    xp = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    ref = torch.empty_like(x)
+    for y in range(6):
+        for xx in range(6):
+            s = (xp[:, :, y : y + 5, xx : xx + 5] ** 2).sum((2, 3))
+            ref[:, :, y, xx] = x[:, :, y, xx] / (1 + 0.001 / 25 * s) ** 0.75
+    torch.testing.assert_close(model.snorm2(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def _fc_inputs(model):
+    """The inputs of fc7 and fc8 in the last forward pass (after dropout)."""
+    seen = {}
+    hooks = [
+        getattr(model, n).register_forward_pre_hook(
+            lambda _m, args, n=n: seen.__setitem__(n, args[0][0].detach().clone())
+        )
+        for n in ("fc7", "fc8")
+    ]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("profile", ["paper", "cuda-convnet"])
+def test_classic_dropout_masks_without_rescaling_and_halves_at_test(profile):
+    """Sec. 4.2: in training each fc6/fc7 output is zeroed with probability 0.5 and the others
+    are NOT rescaled; at test every output is multiplied by 0.5."""
+    torch.manual_seed(0)
+    model = build_model(profile, num_classes=10).double()
+    assert model.config.dropout_style == "classic" and model.config.dropout == 0.5
+    seen, hooks = _fc_inputs(model)
+    x = torch.randn(4, 3, 224, 224, dtype=torch.float64) * 50
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    test_in = seen["fc7"]
+    model.train()
+    with torch.no_grad():
+        model(x)
+    train_in = seen["fc7"]
+    for h in hooks:
+        h.remove()
+    # Where fc6's ReLU output is non-zero, training keeps it as it is (about half the time) or
+    # zeroes it; the test pass gave 0.5 times it.
+    live = test_in != 0
+    kept = live & (train_in != 0)
+    assert 0.4 < kept.sum() / live.sum() < 0.6
+    torch.testing.assert_close(train_in[kept], 2 * test_in[kept], rtol=1e-12, atol=0)
+    assert torch.all(train_in[~live] == 0)
+
+
+def test_dropout_styles_give_the_same_test_function_with_scaled_weights():
+    """A classic-dropout net and the inverted-dropout net whose fc7/fc8 weights are scaled by
+    1 - p compute the same function at test time (the facts: the two styles differ in training,
+    not in what trained weights mean)."""
+    torch.manual_seed(0)
+    classic = build_model("paper", num_classes=10).double().eval()
+    inverted = build_model("paper", num_classes=10, dropout_style="inverted").double().eval()
+    state = classic.state_dict()
+    state["fc7.weight"] = state["fc7.weight"] * 0.5
+    state["fc8.weight"] = state["fc8.weight"] * 0.5
+    inverted.load_state_dict(state)
+    x = torch.randn(3, 3, 224, 224, dtype=torch.float64) * 50
+    with torch.no_grad():
+        torch.testing.assert_close(inverted(x), classic(x), rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(classic(x), build_model("paper", num_classes=10).double()
+                                  .eval().requires_grad_(False)(x))  # fmt: skip
+
+
+def test_torchvision_layout_classic_dropout():
+    torch.manual_seed(0)
+    net = build_model("torchvision", num_classes=10, dropout_style="classic")
+    x = torch.randn(8, 9216)
+    drop = net.classifier[0]
+    drop.eval()
+    torch.testing.assert_close(drop(x), 0.5 * x)
+    drop.train()
+    y = drop(x)
+    assert set(torch.unique(y[x != 0] / x[x != 0]).tolist()) <= {0.0, 1.0}
 
 
 def _seeded_pass(model, x, seed, train):
@@ -179,11 +268,13 @@ def _layer_params(model, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("train", [False, True])
-def test_two_device_model_parallel_equals_one_device(train):
+@pytest.mark.parametrize(
+    "train, profile", [(False, "paper"), (True, "paper"), (True, "caffe")]
+)  # caffe: its LRN window crosses the towers, so the two-device form gathers the layer
+def test_two_device_model_parallel_equals_one_device(train, profile):
     torch.manual_seed(1)
-    one = build_model("paper", num_classes=10)
-    two = build_model("paper", num_classes=10, devices=["cpu", "cpu"])
+    one = build_model(profile, num_classes=10)
+    two = build_model(profile, num_classes=10, devices=["cpu", "cpu"])
     two.load_state_dict(one.state_dict())
     # The state_dict is the same whatever the devices: one grouped tensor per layer.
     sd1, sd2 = one.state_dict(), two.state_dict()
@@ -191,7 +282,8 @@ def test_two_device_model_parallel_equals_one_device(train):
     assert sd2["conv2.weight"].shape == (256, 48, 5, 5)
     for k in sd1:
         assert torch.equal(sd1[k], sd2[k]), k
-    x = torch.randn(3, 3, 224, 224) * 50
+    size = one.config.input_size
+    x = torch.randn(3, 3, size, size) * 50
     out1, g1 = _seeded_pass(one, x, 7, train)
     out2, g2 = _seeded_pass(two, x, 7, train)
     torch.testing.assert_close(out2, out1, rtol=1e-5, atol=1e-5 * out1.abs().max().item())

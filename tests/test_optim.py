@@ -360,3 +360,55 @@ def test_curves_mark_schedule_drops_not_a_linear_decay():
     assert lr_drop_epochs([], [{"epoch": 30, "lr_drops": [25.0]}]) == [25.0]
     steps = [{"epoch": 0.5, "lr": 0.01}, {"epoch": 1.5, "lr": 0.001}, {"epoch": 2.5, "lr": 0.001}]
     assert lr_drop_epochs(steps, [{"epoch": 1}, {"epoch": 2, "lr_dropped": True}]) == [1.5, 2]
+
+
+def test_caffe_solver_is_the_papers_update_across_an_lr_change():
+    """Caffe's SGD solver (the facts): v <- m v + lr (g + wd w), w <- w - v, bias lr 2x and no
+    bias decay; computed here in float64 across an lr drop, where torch.optim.SGD differs."""
+    from alexnet.config import CAFFE
+
+    torch.manual_seed(0)
+    model = Tiny().double()
+    train = CAFFE.train
+    opt = make_optimizer(model, train)
+    params = dict(model.named_parameters())
+    w = {k: p.detach().clone() for k, p in params.items()}
+    v = {k: torch.zeros_like(p) for k, p in w.items()}
+    grads = [{k: torch.randn_like(p) for k, p in w.items()} for _ in range(4)]
+    for step, g in enumerate(grads):
+        lr = train.lr if step < 2 else train.lr * 0.1
+        for group in opt.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        for k, p in params.items():
+            p.grad = g[k].clone()
+        opt.step()
+        for k in w:
+            bias = w[k].ndim == 1
+            glr = lr * (train.bias_lr_mult if bias else 1.0)
+            wd = 0.0 if bias else train.weight_decay
+            v[k] = train.momentum * v[k] + glr * (g[k] + wd * w[k])
+            w[k] = w[k] - v[k]
+    for k, p in params.items():
+        torch.testing.assert_close(p.detach(), w[k], rtol=1e-12, atol=1e-14)
+
+
+def test_plateau_rule_waits_while_the_net_is_at_chance():
+    """Issue 10: a run at chance keeps its lr (it has not started, so it has not stopped
+    improving); once it has learned and then stalls, the rule drops the lr."""
+    train = PAPER.train  # patience 3, margin 0.05
+    sched = LRSchedule(train, steps_per_epoch=10, chance_error=0.9)
+    at_chance = [0.90, 0.899, 0.9, 0.88, 0.9, 0.86, 0.9]  # never <= 0.85
+    assert not any(sched.on_validation(e, err) for e, err in enumerate(at_chance, 1))
+    assert sched.at_chance and sched.drops == [] and sched.lr_mult(7.5) == 1.0
+    # It learns (0.5 is clearly below chance), then stalls for three epochs: drop at 11.
+    got = [sched.on_validation(e, err) for e, err in [(8, 0.5), (9, 0.5), (10, 0.5), (11, 0.5)]]
+    assert got == [False, False, False, True] and not sched.at_chance
+    assert sched.drops == [11]
+    # Without a chance level the rule is armed from the start (as before issue 10).
+    old = LRSchedule(train, steps_per_epoch=10)
+    assert [old.on_validation(e, 0.9) for e in (1, 2, 3, 4)] == [False, False, False, True]
+    # The state survives a checkpoint.
+    fresh = LRSchedule(train, steps_per_epoch=10, chance_error=0.9)
+    fresh.load_state_dict(json.loads(json.dumps(LRSchedule(train, 10, chance_error=0.9)
+                                                .state_dict())))  # fmt: skip
+    assert fresh.at_chance

@@ -156,3 +156,29 @@ def test_bad_arguments_are_clear_errors(tiny_store, tmp_path, capsys):
                      "--val-limit", "0"]) == 2  # fmt: skip
     assert "--val-limit must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "r3").exists()
+
+
+@pytest.mark.slow
+def test_a_run_at_chance_keeps_its_lr_and_warns(tiny_store, tmp_path):
+    """Issue 10: with lr 0 the net stays at chance; the plateau rule (patience 1 here) must not
+    divide the lr, and from epoch 2 (chance_warning_epochs) every epoch record, the log and
+    TensorBoard carry the warning."""
+    out = tmp_path / "run"
+    sets = ["train.lr=0", "train.plateau_patience=1", "train.chance_warning_epochs=2"]
+    argv = ["train", "--data", str(tiny_store), "--out", str(out), "--profile", "paper",
+            "--epochs", "3", "--batch-size", "8", "--no-fast", "--workers", "0"]  # fmt: skip
+    for s in sets:
+        argv += ["--set", s]
+    assert cli_main(argv) == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert all(r["val_top1_error"] > 2 / 3 - 0.05 for r in epochs)  # at chance (3 classes)
+    assert not any(r["lr_dropped"] for r in epochs) and epochs[-1]["lr_drops"] == []
+    assert "warning" not in epochs[0]
+    assert all("still at chance" in r["warning"] for r in epochs[1:])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("val/at_chance")] == [1.0, 1.0, 1.0]

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "alexnet.demo",
     "alexnet.experiments.figure1",
     "alexnet.experiments.ablate",
+    "alexnet.experiments.recipes",
     "alexnet.experiments.kernels",
     "alexnet.experiments.neighbors",
     "alexnet.experiments.report",

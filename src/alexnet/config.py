@@ -42,14 +42,26 @@ class ModelConfig:
     lrn_k: float = 2.0  # Sec. 3.3: k = 2
     lrn_alpha: float = 1e-4  # Sec. 3.3: alpha = 1e-4, used as printed (not divided by n)
     lrn_beta: float = 0.75  # Sec. 3.3: beta = 0.75
+    # Sec. 3.3 / 3.2: each tower normalises its own maps (the towers meet only at conv3 and the
+    # FC layers). Caffe's bvlc_alexnet norm1/norm2 have no groups: the window spans all maps.
+    lrn_across_towers: bool = False
     # layers-145 "rnorm" after conv2's LRN: spatial 5x5 contrast normalisation, scale 0.001
     # divided by 5^2 by the parser, pow 0.75. Only in the cuda-convnet profile.
     spatial_norm: bool = False
     spatial_norm_size: int = 5
     spatial_norm_alpha: float = 0.001 / 25
     spatial_norm_beta: float = 0.75
+    # The 2012 code's spatial kernels compute 1 + scale * sum (layer.py reads minDiv only for the
+    # cross-map norm): the additive constant is 1, not the cross-map LRN's k = 2.
+    spatial_norm_k: float = 1.0
     pool: str = "overlap"  # Sec. 3.4: overlapping max-pool z=3, s=2 ("nonoverlap": z=2, s=2)
     dropout: float = 0.5  # Sec. 4.2: dropout 0.5 on fc6 and fc7
+    # Sec. 4.2 "at test time, we use all the neurons but multiply their outputs by 0.5" (and the
+    # 2012 code): "classic" masks without rescaling in training and scales by 1 - p at test.
+    # "inverted" (Caffe, torchvision) scales the survivors by 1 / (1 - p) in training and is the
+    # identity at test: the same test-time function for weights trained with it, a different
+    # training run from the same init and lr.
+    dropout_style: str = "classic"
     towers: int = 2  # Sec. 3.2: two towers; 1 = the one-GPU comparison net (half conv kernels)
     drop_conv: int | None = None  # Sec. 3 end: remove conv3, conv4 or conv5 (about 2% worse)
     # Sec. 5: weights N(0, 0.01) everywhere; biases 1 in conv2, conv4, conv5, fc6, fc7.
@@ -77,6 +89,9 @@ class DataConfig:
     # "center": the central crop of the mean image for every crop (cuda-convnet); "channel":
     # per-channel mean (Caffe later, torchvision-style normalisation uses "channel-std").
     mean: str = "image"
+    # Multiplies the network input after the mean subtraction. The paper and the 2012 code feed
+    # raw 0-255 pixel values minus the mean (1.0); many reimplementations use the [0, 1] scale.
+    input_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,13 @@ class TrainConfig:
     max_lr_drops: int = 3  # Sec. 5: "reduced three times prior to termination"
     plateau_patience: int = 3  # epochs without improvement before a drop (our documented rule)
     plateau_threshold: float = 0.001  # an improvement must beat the best top-1 error by this
+    # The plateau rule waits until the net has started to learn: it is armed once the top-1
+    # error has been at least this far below chance (1 - 1/classes); a net still at chance has
+    # not "stopped improving" (Sec. 5), it has not begun. Before that the lr is kept.
+    plateau_chance_margin: float = 0.05
+    # After this many epochs still within plateau_chance_margin of chance: a loud warning in the
+    # log, metrics.jsonl and TensorBoard (0: never).
+    chance_warning_epochs: int = 3
     milestones: tuple[float, ...] = ()  # epochs at which lr /= 10 (for schedule="steps")
     # cuda-convnet's log: conv1 lr to 1e-5 at epoch 67 and 0 at 72; colour noise off at 67.
     conv1_lr_schedule: tuple[tuple[float, float], ...] = ()  # (epoch, lr) pairs
@@ -159,13 +181,17 @@ CAFFE = Profile(
         conv1_pad_right_bottom=0,
         lrn_k=1.0,
         lrn_alpha=1e-4 / 5,  # Caffe divides alpha by local_size
+        lrn_across_towers=True,  # norm1/norm2 have no groups: the window spans all 96/256 maps
+        dropout_style="inverted",  # Caffe's dropout layer scales the survivors by 1 / (1 - p)
         init_std=_per_layer(0.01, fc6=0.005, fc7=0.005),
         init_bias=_per_layer(0.0, conv2=0.1, conv4=0.1, conv5=0.1, fc6=0.1, fc7=0.1),
     ),
     data=DataConfig(crop_size=227, lighting_std=0.0),
     train=TrainConfig(
         batch_size=256,
-        optimizer="sgd",
+        # Caffe's SGD solver keeps the lr inside the velocity, v <- m v + lr (g + wd w),
+        # w <- w - v: the paper's update (PaperSGD), not torch.optim.SGD's.
+        optimizer="paper-sgd",
         bias_lr_mult=2.0,
         bias_decay=False,
         schedule="steps",
@@ -183,6 +209,7 @@ TORCHVISION = Profile(
         conv1_pad_right_bottom=0,
         lrn=False,
         towers=1,
+        dropout_style="inverted",  # torch.nn.Dropout
     ),
     data=DataConfig(lighting_std=0.0, mean="channel-std"),
     # torchvision references/classification for alexnet: SGD lr 0.01, wd 1e-4, batch 32 x 8

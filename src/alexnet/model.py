@@ -224,14 +224,16 @@ class AlexNet(nn.Module):
         self.pool5 = nn.MaxPool2d(self.pool_kernel, 2)
         if config.lrn:
             lrn = dict(size=config.lrn_size, alpha=config.lrn_alpha, beta=config.lrn_beta)
-            self.norm1 = ResponseNorm(**lrn, k=config.lrn_k, groups=towers)
-            self.norm2 = ResponseNorm(**lrn, k=config.lrn_k, groups=towers)
+            # Sec. 3.3: each tower normalises its own maps; Caffe's window spans all of them.
+            groups = 1 if config.lrn_across_towers else towers
+            self.norm1 = ResponseNorm(**lrn, k=config.lrn_k, groups=groups)
+            self.norm2 = ResponseNorm(**lrn, k=config.lrn_k, groups=groups)
         if config.spatial_norm:
             self.snorm2 = SpatialResponseNorm(
                 config.spatial_norm_size,
                 config.spatial_norm_alpha,
                 config.spatial_norm_beta,
-                k=config.lrn_k,
+                k=config.spatial_norm_k,  # 1 in the 2012 code, not the cross-map k
             )
         self.fc6 = TowerLinear(cin * 6 * 6, FC_WIDTH, self.devices)
         self.fc7 = TowerLinear(FC_WIDTH, FC_WIDTH, self.devices)
@@ -258,16 +260,26 @@ class AlexNet(nn.Module):
             return xs
         # One device: the module normalises each tower's group of maps. Two: each part is a tower.
         # A ReLU before the LRN is fused into the LRN's passes (alexnet.lrn): same function.
-        groups = None if len(xs) == 1 else 1
-        return [module(x, groups=groups, relu=act is not None) for x in xs]
+        relu = act is not None
+        if len(xs) == 1:
+            return [module(xs[0], relu=relu)]
+        if module.groups == 1:  # a window across the towers (Caffe): normalise the whole layer
+            whole = module(torch.cat([x.to(self.devices[0]) for x in xs], 1), relu=relu)
+            parts = whole.split([x.shape[1] for x in xs], 1)
+            return [p.to(x.device) for p, x in zip(parts, xs, strict=True)]
+        return [module(x, groups=1, relu=relu) for x in xs]
 
     def _pool(self, module, xs):
         return self._each(module, xs)
 
     def _dropout(self, xs):
-        p = self.config.dropout
-        if not self.training or p == 0:
-            return xs  # inverted dropout: at test time the layer is the identity (Sec. 4.2)
+        p, classic = self.config.dropout, self.config.dropout_style == "classic"
+        if p == 0:
+            return xs
+        if not self.training:
+            # Sec. 4.2: "at test time, we use all the neurons but multiply their outputs by 0.5"
+            # (classic); inverted dropout's test-time layer is the identity.
+            return [x * (1.0 - p) for x in xs] if classic else xs
         # One mask for the whole layer, drawn on the first device, so that the one- and the
         # two-device forms consume the random stream identically and compute the same function.
         # Under data parallelism (`dropout_rows` = (first row, global batch), set by the
@@ -277,9 +289,10 @@ class AlexNet(nn.Module):
         first, total = self.dropout_rows or (0, rows)
         keep = torch.rand(total, width, device=xs[0].device)[first : first + rows] >= p
         masks = keep.split([x.shape[1] for x in xs], 1)
-        return [
-            x * m.to(x.device, x.dtype) * (1.0 / (1.0 - p)) for x, m in zip(xs, masks, strict=True)
-        ]
+        # Sec. 4.2 and the 2012 code: the survivors are not rescaled (classic); inverted dropout
+        # (Caffe, torchvision) scales them by 1 / (1 - p).
+        scale = 1.0 if classic else 1.0 / (1.0 - p)
+        return [x * m.to(x.device, x.dtype) * scale for x, m in zip(xs, masks, strict=True)]
 
     def check_input(self, x: torch.Tensor) -> None:
         s = self.config.input_size
@@ -355,6 +368,25 @@ class AlexNet(nn.Module):
         return self._act(acts[layer])
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout (inverted: survivors x 1/(1-p) in training, identity at test) or the paper's
+    classic dropout (Sec. 4.2: survivors kept as they are, outputs x (1-p) at test)."""
+
+    def __init__(self, p: float = 0.5, style: str = "inverted"):
+        super().__init__(p)
+        self.style = style
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "inverted" or self.p == 0:
+            return super().forward(x)
+        if not self.training:
+            return x * (1.0 - self.p)
+        return x * (torch.rand_like(x) >= self.p).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, style={self.style}"
+
+
 class TorchvisionAlexNet(nn.Module):
     """torchvision.models.alexnet's layout, parameter for parameter and key for key."""
 
@@ -379,10 +411,10 @@ class TorchvisionAlexNet(nn.Module):
         )
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = nn.Sequential(
-            nn.Dropout(config.dropout),
+            Dropout(config.dropout, config.dropout_style),
             nn.Linear(256 * 6 * 6, 4096),
             act,
-            nn.Dropout(config.dropout),
+            Dropout(config.dropout, config.dropout_style),
             nn.Linear(4096, 4096),
             act,
             nn.Linear(4096, num_classes),
@@ -416,8 +448,11 @@ _CHOICES = {
     "drop_conv": (3, 4, 5, None),
     "order": ("paper", "cuda-convnet"),
     "layout": ("two-tower", "torchvision"),
+    "dropout_style": ("classic", "inverted"),
 }
-_TWO_TOWER_ONLY = ("lrn", "pool", "towers", "drop_conv", "spatial_norm", "order")
+_TWO_TOWER_ONLY = (
+    "lrn", "pool", "towers", "drop_conv", "spatial_norm", "order", "lrn_across_towers",
+)  # fmt: skip
 
 
 def resolve_model_config(profile: str | Profile | ModelConfig, **overrides: Any) -> ModelConfig:

@@ -215,6 +215,13 @@ class LRSchedule:
       new lr gets a full `patience` epochs to improve) and best is kept. After max_lr_drops
       drops nothing changes any more.
 
+    The rule waits for the net to start learning (a net still at chance has not "stopped
+    improving", it has not begun): given `chance_error` (1 - 1/classes), it is armed only once
+    a validation top-1 error is at most chance_error - train.plateau_chance_margin; until then
+    no epoch counts against the patience and the lr is kept. `at_chance` says the rule is not
+    yet armed; the trainer warns after train.chance_warning_epochs such epochs. Without
+    `chance_error` the rule is armed from the first validation.
+
     cuda-convnet's conv1 schedule (train.conv1_lr_schedule, (epoch, lr) pairs: 1e-5 at 67, 0 at
     72 in the 2012 log) sets the conv1 groups' lr to that absolute value times the group's
     lr_mult from epoch * epoch_scale on. `epoch_scale` (requested epochs / the profile's epochs)
@@ -222,7 +229,13 @@ class LRSchedule:
     when a 91-epoch recipe runs in 9 epochs; warm-up is not stretched.
     """
 
-    def __init__(self, train: TrainConfig, steps_per_epoch: int, epoch_scale: float = 1.0):
+    def __init__(
+        self,
+        train: TrainConfig,
+        steps_per_epoch: int,
+        epoch_scale: float = 1.0,
+        chance_error: float | None = None,
+    ):
         if train.schedule not in SCHEDULES:
             raise ValueError(
                 f"unknown schedule {train.schedule!r}; valid schedules: {', '.join(SCHEDULES)}"
@@ -244,6 +257,8 @@ class LRSchedule:
             else float(train.lighting_off_epoch) * self.epoch_scale
         )
         # Plateau-rule state (see the class docstring).
+        self.chance_error = chance_error
+        self.armed = chance_error is None  # the net has left chance (or chance is unknown)
         self.best: float | None = None
         self.bad_epochs = 0
         self._plateau_drops: list[int] = []
@@ -294,8 +309,10 @@ class LRSchedule:
 
     def on_validation(self, epoch: int, top1_error: float) -> bool:
         """The plateau rule (class docstring); True when it divided the lr by 10 from `epoch`."""
-        if self.train.schedule != "plateau":
-            return False
+        if not self.armed and top1_error <= self.chance_error - self.train.plateau_chance_margin:
+            self.armed = True  # the net has begun to learn
+        if self.train.schedule != "plateau" or not self.armed:
+            return False  # a fixed schedule; or still at chance, which is not a plateau
         if self.best is None or top1_error < self.best - self.train.plateau_threshold:
             self.best = float(top1_error)
             self.bad_epochs = 0
@@ -309,6 +326,11 @@ class LRSchedule:
             self.bad_epochs = 0
             return True
         return False
+
+    @property
+    def at_chance(self) -> bool:
+        """The validation error has not yet been clearly below chance (the plateau rule waits)."""
+        return not self.armed
 
     def lighting_on(self, epoch: float) -> bool:
         """PCA lighting on at `epoch` (cuda-convnet switched colour noise off at epoch 67)."""
@@ -327,6 +349,7 @@ class LRSchedule:
         """JSON-able state (the config itself is saved with the run)."""
         return {
             "schedule": self.train.schedule,
+            "armed": self.armed,
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "plateau_drops": list(self._plateau_drops),
@@ -339,6 +362,7 @@ class LRSchedule:
                 f"lr schedule state is for {state.get('schedule')!r}, "
                 f"this run uses {self.train.schedule!r}"
             )
+        self.armed = bool(state.get("armed", True))
         self.best = None if state["best"] is None else float(state["best"])
         self.bad_epochs = int(state["bad_epochs"])
         self._plateau_drops = [int(e) for e in state["plateau_drops"]]

@@ -66,7 +66,9 @@ class RunConfig:
     compile: bool | None = None  # torch.compile (None: as speed.default_fast_mode says)
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     log_every: int = 20  # a metrics.jsonl/TensorBoard line every N steps
-    max_steps: int | None = None  # stop after this many steps in all (tests, smoke runs)
+    # Stop after this many steps in all (tests, smoke runs, the first epochs of a long recipe);
+    # a stop at an epoch's last step still validates and checkpoints that epoch.
+    max_steps: int | None = None
     eval_batch_size: int = 256
     val_limit: int | None = None  # validate on N images spread over the split (None: all)
 
@@ -250,7 +252,12 @@ class Trainer:
         base_epochs = (
             get_profile(profile.name).train.epochs if profile.name in PROFILES else t.epochs
         )
-        self.schedule = LRSchedule(t, self.steps_per_epoch, epoch_scale=t.epochs / base_epochs)
+        self.schedule = LRSchedule(
+            t,
+            self.steps_per_epoch,
+            epoch_scale=t.epochs / base_epochs,
+            chance_error=1.0 - 1.0 / self.num_classes,  # the plateau rule waits below this
+        )
         self.pos = Position()
         self.history: list[dict[str, Any]] = []
         self.train_model = self.model  # what the training step calls: DDP and compiled wrappers
@@ -407,7 +414,8 @@ class Trainer:
             if interrupt.requested:
                 status = "interrupted"
                 break
-            if self.run.max_steps is not None and self.pos.step >= self.run.max_steps:
+            if self._max_steps_reached() and self.pos.batch < spe:
+                # (at the epoch's last batch the epoch ends as usual: validated, then fit stops)
                 status = "max_steps"
                 break
         self._check_finite(losses)
@@ -417,6 +425,9 @@ class Trainer:
             self.pos.epoch += 1
             self.pos.batch = 0
         return status
+
+    def _max_steps_reached(self) -> bool:
+        return self.run.max_steps is not None and self.pos.step >= self.run.max_steps
 
     def _check_finite(self, losses: list[tuple[int, torch.Tensor]]) -> None:
         if not losses:
@@ -508,6 +519,7 @@ class Trainer:
         epoch = self.pos.epoch  # already advanced: epochs completed
         dropped = self.schedule.on_validation(epoch, v["top1_error"])
         step_losses = self._epoch_train_loss(epoch)
+        warning = self._chance_warning(epoch, v["top1_error"])
         rec = {
             "kind": "epoch",
             "epoch": epoch,
@@ -522,12 +534,17 @@ class Trainer:
             "lr_drops": self.schedule.drops,  # every drop so far, for curves.png
             "seconds": train_seconds,
         }
+        if warning:
+            rec["warning"] = warning
         self.history.append(rec)
         if self.is_main:
             self._append_metrics(rec)
             if self.tb is not None:
                 for k in ("val_loss", "val_top1_error", "val_top5_error"):
                     self.tb.add_scalar(f"val/{k[4:]}", rec[k], epoch)
+                self.tb.add_scalar("val/at_chance", float(self.schedule.at_chance), epoch)
+                if warning:
+                    self.tb.add_text("warning", warning, epoch)
             print(
                 f"epoch {epoch}: val top-1 error {v['top1_error']:.2%}, "
                 f"top-5 {v['top5_error']:.2%}, loss {v['loss']:.4f}"
@@ -537,6 +554,25 @@ class Trainer:
             from alexnet.plots import plot_curves
 
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+
+    def _chance_warning(self, epoch: int, top1_error: float) -> str | None:
+        """A loud warning once the net has been at chance for chance_warning_epochs epochs
+        (the plateau rule is waiting for it, see optim.LRSchedule); printed on every rank 0
+        epoch from then on, and recorded in metrics.jsonl and TensorBoard."""
+        t = self.profile.train
+        if not self.schedule.at_chance or not t.chance_warning_epochs:
+            return None
+        if epoch < t.chance_warning_epochs:
+            return None
+        chance = self.schedule.chance_error
+        text = (
+            f"the network is still at chance after {epoch} epochs (validation top-1 error "
+            f"{top1_error:.2%}, chance {chance:.2%}); the lr is kept, not divided. Its recipe may "
+            "not learn on this data at this lr and init (see the README on the paper profile)"
+        )
+        if self.is_main:
+            print(f"WARNING: {text}", file=sys.stderr, flush=True)
+        return text
 
     def _epoch_train_loss(self, epoch: int) -> float | None:
         path = self.out / "metrics.jsonl"
@@ -574,6 +610,9 @@ class Trainer:
         try:
             with Interrupt() as interrupt:
                 while self.pos.epoch < self.profile.train.epochs:
+                    if self._max_steps_reached():  # a resumed run already at its step limit
+                        status = "max_steps"
+                        break
                     t0 = time.perf_counter()
                     status = self.train_epoch(interrupt, bar_factory)
                     if status == "done":
@@ -581,6 +620,8 @@ class Trainer:
                         self.save_checkpoint()
                         if interrupt.requested:
                             status = "interrupted"
+                        elif self._max_steps_reached():
+                            status = "max_steps"
                     else:
                         self.save_checkpoint()
                     if status != "done":

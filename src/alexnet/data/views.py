@@ -143,6 +143,7 @@ class ViewSpec:
     lighting: str = "paper"
     basis: np.ndarray | None = None  # (3, 3): row-vector alpha @ basis is the offset
     crop_chunk: int = 1
+    input_scale: float = 1.0
 
     @classmethod
     def build(cls, data: DataConfig, stats, size: int, lighting: bool = True) -> ViewSpec:
@@ -172,6 +173,7 @@ class ViewSpec:
             lighting=data.lighting,
             basis=basis,
             crop_chunk=max(1, int(data.crop_chunk)),
+            input_scale=float(data.input_scale),
         )
 
     # -- random views --
@@ -204,6 +206,8 @@ class ViewSpec:
             s = s / self.channel_std
         if self.lighting_std > 0 and self.lighting == "cuda-convnet":
             s = s / np.float32(1.0 + self.lighting_std)  # convdata.py: data /= 1 + coeff
+        if self.input_scale != 1.0:
+            s = s * np.float32(self.input_scale)
         return None if np.all(s == 1) else s
 
     # -- crops --

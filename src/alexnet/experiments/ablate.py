@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +45,9 @@ import numpy as np
 from alexnet.experiments.common import (
     markdown_table,
     read_json,
+    read_step_losses,
     save_figure,
+    train_or_resume,
     write_json,
     write_text,
 )
@@ -147,16 +148,16 @@ def parse_only(text: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
-def default_store(cfg: AblateConfig) -> Path:
+def default_store(out: str | Path, limit: int | None = None) -> Path:
     """Prepare Fashion-MNIST (the embedded dataset) into OUT, through `alexnet prepare`."""
     from alexnet.cli import main as cli
 
-    name = "store-fashion-mnist" + (f"-{cfg.store_limit}" if cfg.store_limit else "")
-    store = Path(cfg.out) / name
+    name = "store-fashion-mnist" + (f"-{limit}" if limit else "")
+    store = Path(out) / name
     if not (store / "manifest.json").exists():
         argv = ["prepare", str(FASHION_MNIST), str(store), "--kind", "fashion-mnist"]
-        if cfg.store_limit:
-            argv += ["--limit", str(cfg.store_limit)]
+        if limit:
+            argv += ["--limit", str(limit)]
         print(f"==> alexnet {' '.join(argv)}", file=sys.stderr, flush=True)
         rc = cli(argv)
         if rc:
@@ -231,7 +232,7 @@ def _evaluate(trainer, split: str, limit: int, batch_size: int = 32) -> dict[str
 def train_one(cfg: AblateConfig, variant: Variant, seed: int, store: Path) -> dict[str, Any]:
     """Train (or resume, or reuse) one run; returns its result (also in result.json)."""
     from alexnet.data import open_store
-    from alexnet.train import RunConfig, Trainer
+    from alexnet.train import RunConfig
 
     folder = Path(cfg.out) / "runs" / f"{variant.key}-seed{seed}"
     profile = variant_profile(cfg, variant, open_store(store).size("train"))
@@ -247,32 +248,17 @@ def train_one(cfg: AblateConfig, variant: Variant, seed: int, store: Path) -> di
         workers=cfg.workers,
         log_every=max(1, min(20, cfg.steps // 5)),
         max_steps=cfg.steps,
-        # The trainer's own end-of-epoch validation (multi-epoch budgets only: a one-epoch
-        # budget stops at max_steps first); the table uses _evaluate's spread sample.
+        # The trainer's own end-of-epoch validation (a one-epoch budget ends at its last step
+        # and is validated too); the table uses _evaluate's spread sample.
         val_limit=min(cfg.val_limit, 256),
         fast=cfg.fast,
     )
-    saved = read_json(folder / "spec.json")
-    resume = saved == spec and (folder / "state.pt").exists()
-    if not resume and folder.exists():
-        shutil.rmtree(folder)  # a different or unfinished-without-checkpoint run: start over
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "spec.json", spec)
     t0 = time.perf_counter()
-    trainer = Trainer(profile, run, resume=resume)
-    status = "max_steps"
-    if trainer.pos.step < cfg.steps:
-        status = trainer.fit()["status"]
-    if status == "interrupted":
-        raise KeyboardInterrupt
+    trainer = train_or_resume(folder, spec, profile, run)
     seconds = time.perf_counter() - t0
     val = _evaluate(trainer, "val", cfg.val_limit)
     train = _evaluate(trainer, "train", cfg.val_limit)
-    losses = [
-        json.loads(line)["loss"]
-        for line in (folder / "metrics.jsonl").read_text().splitlines()
-        if '"kind": "step"' in line
-    ]
+    _, losses = read_step_losses(folder / "metrics.jsonl")
     result = {
         "spec": spec,
         "label": variant.label,
@@ -305,7 +291,7 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    store = Path(cfg.data) if cfg.data else default_store(cfg)
+    store = Path(cfg.data) if cfg.data else default_store(cfg.out, cfg.store_limit)
     from alexnet.data import open_store
 
     st = open_store(store)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,3 +76,35 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def train_or_resume(folder: str | Path, spec: dict[str, Any], profile, run):
+    """Train one experiment run in `folder` until run.max_steps (or the recipe's end), resuming
+    an interrupted run of the same `spec` from its checkpoint; any other content of the folder
+    (a different spec, or no checkpoint yet) is removed and the run starts over. Returns the
+    Trainer (its model holds the final weights). Ctrl-C: checkpoint, then KeyboardInterrupt."""
+    from alexnet.train import Trainer
+
+    folder = Path(folder)
+    resume = read_json(folder / "spec.json") == spec and (folder / "state.pt").exists()
+    if not resume and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "spec.json", spec)
+    trainer = Trainer(profile, run, resume=resume)
+    done = run.max_steps is not None and trainer.pos.step >= run.max_steps
+    if not done and trainer.fit()["status"] == "interrupted":
+        raise KeyboardInterrupt
+    return trainer
+
+
+def read_step_losses(metrics: str | Path) -> tuple[list[int], list[float]]:
+    """(steps, logged training losses) of a run's metrics.jsonl."""
+    steps, losses = [], []
+    for line in Path(metrics).read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if r.get("kind") == "step":
+                steps.append(int(r["step"]))
+                losses.append(float(r["loss"]))
+    return steps, losses
