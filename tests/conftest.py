@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet.cli import main as cli_main
+from alexnet.config import apply_overrides, get_profile
+from alexnet.data import prepare_store
+from alexnet.train import RunConfig, Trainer
 
 
 def make_image_tree(root: Path, classes=("circle", "square", "stripes"), per_class=12, seed=0):
@@ -46,12 +48,13 @@ def tiny_store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     make_image_tree(root / "src")
     store = root / "store"
-    rc = cli_main(["prepare", str(root / "src"), str(store), "--kind", "folder", "--workers", "1"])
-    assert rc == 0
+    prepare_store(root / "src", store, kind="folder", workers=1, progress=False)
     return store
 
 
 # The reference training run: 36 train images / batch 8 = 4 steps per epoch; 2 epochs = 8 steps.
+# As command-line flags (for the runs that tests start as processes) and as the library's
+# configuration (reference_config): the two must be the same run.
 TRAIN_ARGS = [
     "--profile", "paper", "--epochs", "2", "--batch-size", "8", "--seed", "3", "--no-fast",
     "--log-every", "1", "--val-limit", "6", "--workers", "0", "--set", "train.lr=0.001",
@@ -62,5 +65,15 @@ TRAIN_ARGS = [
 def reference_run(tiny_store, tmp_path_factory):
     """The uninterrupted one-process run that resumed and data-parallel runs must match."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    assert cli_main(["train", "--data", str(tiny_store), "--out", str(out), *TRAIN_ARGS]) == 0
+    profile, run = reference_config(tiny_store, out)
+    assert Trainer(profile, run).fit()["status"] == "done"
     return out
+
+
+def reference_config(store: Path, out: Path) -> tuple:
+    """TRAIN_ARGS as the library's (profile, RunConfig)."""
+    sets = ["train.epochs=2", "train.batch_size=8", "train.lr=0.001"]
+    profile = apply_overrides(get_profile("paper"), sets)
+    run = RunConfig(data=str(store), out=str(out), seed=3, fast=False, log_every=1, val_limit=6,
+                    workers=0)  # fmt: skip
+    return profile, run

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from alexnet.cli import main
+from alexnet.commands import main
 from alexnet.speed import FastMode, default_fast_mode, tune_cpu_allocator
 
 

@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 from alexnet.data import open_store, prepare_store
-from alexnet.data import prepare as prepare_module
 from alexnet.data.sources import read_idx
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -26,10 +25,12 @@ def cli_main(argv: list[str]) -> int:
     """`alexnet prepare ...` through its own argument parser (the subcommand as registered)."""
     import argparse
 
+    from alexnet.commands import prepare as prepare_command
+
     parser = argparse.ArgumentParser(prog="alexnet")
-    prepare_module.add_commands(parser.add_subparsers(dest="command"))
+    prepare_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
-    return args.func(args)
+    return args.handler(args)
 
 
 def photo(name: str) -> np.ndarray:

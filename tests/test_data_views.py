@@ -168,17 +168,17 @@ def test_bench_data_reports_both_sides(capsys, tmp_path):
     import argparse
     import json
 
-    from alexnet.data import bench
+    from alexnet.commands import bench
 
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    bench.add_data_arguments(parser)
     md = tmp_path / "BENCHMARKS.md"
     other = "<!-- alexnet bench model: begin -->\nmodel table\n<!-- alexnet bench model: end -->"
     md.write_text(f"# Benchmarks\n\n{other}\n")
     args = parser.parse_args(["--json", "--images", "512", "--workers", "1", "--seconds", "0",
                               "--markdown", str(md)])  # fmt: skip
     threads = torch.get_num_threads()
-    assert bench.run(args) == 0
+    assert bench.run_bench_data(args) == 0
     assert torch.get_num_threads() == threads
     r = json.loads(capsys.readouterr().out)
     assert r["workers"] == 1 and r["images"] == 512 and r["encoding"] == "jpeg"
@@ -190,5 +190,5 @@ def test_bench_data_reports_both_sides(capsys, tmp_path):
     assert other in text and text.count("alexnet bench data, 1 workers: begin") == 1
     assert f"| {r['loader_images_per_s']:.0f} |" in text and f"{r['ratio']:.2f}x" in text
     # Run again: the section is replaced, not repeated.
-    assert bench.run(args) == 0
+    assert bench.run_bench_data(args) == 0
     assert md.read_text().count("alexnet bench data, 1 workers: begin") == 1

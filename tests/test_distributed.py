@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from alexnet.cli import main as cli_main
+from alexnet.commands import main as cli_main
 from alexnet.model import build_model
 from test_train import steps_logged, weights
 
@@ -142,7 +142,7 @@ def test_train_model_parallel_2_on_cpu_equals_the_one_device_run(
 
 
 def test_model_parallel_errors_are_clear(tiny_store, tmp_path, capsys):
-    from alexnet.train import model_devices
+    from alexnet.devices import model_devices
 
     with pytest.raises(ValueError, match="must be 1 or 2"):
         model_devices("cpu", 3)

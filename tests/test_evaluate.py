@@ -12,12 +12,12 @@ from PIL import Image
 
 import alexnet.data as data
 from alexnet import checkpoint
-from alexnet.cli import main as cli_main
+from alexnet.checkpoint import stats_tensors, weights_metadata
+from alexnet.commands import main as cli_main
 from alexnet.config import get_profile
 from alexnet.evaluate import evaluate_model, load_model
 from alexnet.model import build_model
 from alexnet.speed import default_fast_mode
-from alexnet.train import preprocess_tensors, weights_metadata
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def random_weights(tiny_store, tmp_path_factory):
     with torch.no_grad():
         model.fc8.weight.mul_(3)
     tensors = dict(model.state_dict())
-    tensors.update(preprocess_tensors(store.stats))
+    tensors.update(stats_tensors(store.stats))
     path = tmp_path_factory.mktemp("w") / "model.safetensors"
     checkpoint.save_weights(path, tensors, weights_metadata(get_profile("paper"), store.classes))
     return path

@@ -21,7 +21,8 @@ from alexnet.experiments.report import build_report
 @pytest.fixture(scope="module")
 def tiny_run(tiny_store, tmp_path_factory):
     """The demo recipe trained for one epoch (3 steps of 12 images) on the tiny store."""
-    from alexnet.train import RunConfig, Trainer, apply_overrides
+    from alexnet.config import apply_overrides
+    from alexnet.train import RunConfig, Trainer
 
     out = tmp_path_factory.mktemp("exp") / "run"
     profile = apply_overrides(get_profile("demo"), ["train.batch_size=12", "train.epochs=1"])
@@ -131,7 +132,7 @@ def test_report_sections_numbers_and_images(tiny_run, tiny_store, tmp_path):
     k = json.loads((tmp_path / "r_files" / "kernels" / "kernels.json").read_text())
     assert f"{k['towers']['A']['chroma_share_mean']:.3f}" in text
     # Not a run folder: one clear error line from the command, exit status 2.
-    from alexnet.cli import main
+    from alexnet.commands import main
 
     assert main(["report", str(tmp_path / "nope")]) == 2
     # Without a store, the neighbours section says why.

@@ -93,7 +93,7 @@ def test_kernels_grid_pixels_and_tower_numbers(tmp_path):
         model.conv1.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
     run = save_run(tmp_path, model, "paper")
     out = tmp_path / "k"
-    from alexnet.cli import main
+    from alexnet.commands import main
 
     assert main(["kernels", str(run), "--out", str(out), "--scale", "3"]) == 0
     rep = json.loads((out / "kernels.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import alexnet
-from alexnet.cli import main as cli_main
+from alexnet.commands import main as cli_main
 from alexnet.model import build_model
 
 TWO_TOWER = ["paper", "cuda-convnet", "caffe"]
@@ -148,7 +148,7 @@ def test_model_norm_layers_follow_the_formula(profile):
     m = alexnet.get_profile(profile).model
     # Large activations so the normalisation term matters (alpha * sum ~ k).
     x = torch.randn(2, 96, 7, 7, dtype=torch.float64) * 60
-    got = model.norm1(x)
+    got = model.norm1.norm(x)
     # The facts: each tower normalises its own 48 maps (paper, 2012 code); Caffe's norm1 has no
     # groups, its window runs across all 96 maps.
     groups = 1 if profile == "caffe" else 2
@@ -169,7 +169,7 @@ def test_cuda_convnet_spatial_norm_has_constant_one():
         for xx in range(6):
             s = (xp[:, :, y : y + 5, xx : xx + 5] ** 2).sum((2, 3))
             ref[:, :, y, xx] = x[:, :, y, xx] / (1 + 0.001 / 25 * s) ** 0.75
-    torch.testing.assert_close(model.snorm2(x), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.snorm2.fn(x), ref, rtol=1e-12, atol=1e-12)
 
 
 def _fc_inputs(model):

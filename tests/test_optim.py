@@ -120,6 +120,9 @@ class Tiny(nn.Module):
         self.conv1 = nn.Conv2d(3, 4, 3)
         self.fc = nn.Linear(8, 2)
 
+    def conv1_parameters(self):  # as both layouts of alexnet.model
+        return list(self.conv1.parameters())
+
 
 def _by_name(groups):
     return {g["name"]: g for g in groups}

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from alexnet import checkpoint
-from alexnet.cli import main as cli_main
-from alexnet.config import get_profile
-from alexnet.train import RunConfig, Trainer, apply_overrides
+from alexnet.commands import main as cli_main
+from alexnet.config import apply_overrides, get_profile
+from alexnet.train import RunConfig, Trainer
 from conftest import TRAIN_ARGS as ARGS
 
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from alexnet.cli import main
+from alexnet.commands import main
 
 sys.exit(main())

@@ -1,10 +1,11 @@
 """Checkpoint files that survive crashes and never run code when loaded.
 
-- Every write is atomic (`atomic_write`): a temporary file in the same folder, flushed and
-  fsynced, renamed over the target with os.replace, then the folder fsynced. A crash at any
-  moment leaves either the old file or the new one, never a torn file.
+- Every write is atomic (fileio.atomic_write): a crash at any moment leaves either the old file
+  or the new one, never a torn file.
 - Weights (`save_weights` / `load_weights`): safetensors, with string metadata; the format key
-  "format": "alexnet-weights/1" tells our files from any other safetensors file.
+  "format": "alexnet-weights/1" tells our files from any other safetensors file. A weights file
+  of this program also carries the profile, the class names (`weights_metadata`) and the
+  preprocessing statistics of its training store (`Preprocess`, `stats_tensors`).
 - Training state (`save_state` / `load_state`): torch.save, loaded with weights_only=True, so
   only tensors and plain containers/numbers/strings come back. `capture_rng_state` /
   `restore_rng_state` put every random generator's state into those types.
@@ -15,18 +16,17 @@ the file and what is wrong (FileNotFoundError for a missing one).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import random
 import struct
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,44 +34,12 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 from torch import nn
 
+from alexnet.errors import BadInput
+from alexnet.fileio import atomic_write
+
 WEIGHTS_FORMAT = "alexnet-weights/1"
 STATE_FORMAT = "alexnet-state/1"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the folder's entry is on disk (POSIX; not on Windows).
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any]) -> Path:
-    """Write `path` atomically: `write_fn(f)` writes to a binary temporary file in the same
-    folder, which is flushed, fsynced and renamed over `path`. On any error (or Ctrl-C) the
-    temporary file is removed and the previous `path`, if any, is left untouched."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-    return path
 
 
 # --- weights: safetensors ----------------------------------------------------------------------
@@ -109,8 +77,8 @@ def save_weights(
     return atomic_write(path, lambda f: f.write(data))
 
 
-def _bad(path: Path, what: str) -> ValueError:
-    return ValueError(f"{path}: {what}")
+def _bad(path: Path, what: str) -> BadInput:
+    return BadInput(f"{path}: {what}")
 
 
 def _read_weights_header(path: Path) -> dict[str, Any]:
@@ -159,6 +127,70 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     except Exception as e:  # safetensors' own checks (bad offsets, dtypes, ...)
         raise _bad(path, f"corrupt safetensors file ({str(e).splitlines()[0]})") from None
     return state, dict(meta)
+
+
+@dataclass
+class Preprocess:
+    """The training store's statistics that the views need (data.views, Sec. 2 and 4.1),
+    saved in every weights file so that prediction sees what training saw."""
+
+    mean_image: np.ndarray  # (S, S, 3) float64, 0-255 scale
+    channel_mean: np.ndarray  # (3,)
+    channel_std: np.ndarray  # (3,)
+    eigval: np.ndarray  # (3,)
+    eigvec: np.ndarray  # (3, 3), eigenvectors as columns
+
+    @classmethod
+    def of(cls, stats) -> Preprocess:
+        """The fields of any statistics object (a store's data.store.Stats, say)."""
+        return cls(**{f.name: np.asarray(getattr(stats, f.name)) for f in fields(cls)})
+
+
+PREPROCESS_PREFIX = "preprocess."
+
+
+def stats_tensors(stats) -> dict[str, torch.Tensor]:
+    """The statistics as float32 tensors "preprocess.<field>", stored beside the weights."""
+    return {
+        PREPROCESS_PREFIX + f.name: torch.as_tensor(
+            np.ascontiguousarray(getattr(stats, f.name)), dtype=torch.float32
+        )
+        for f in fields(Preprocess)
+    }
+
+
+def split_weights(
+    path: Path, tensors: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], Preprocess]:
+    """(the model's state_dict, the Preprocess statistics) of a weights file's tensors."""
+    pre = {
+        k[len(PREPROCESS_PREFIX) :]: v
+        for k, v in tensors.items()
+        if k.startswith(PREPROCESS_PREFIX)
+    }
+    missing = [f.name for f in fields(Preprocess) if f.name not in pre]
+    if missing:
+        raise BadInput(
+            f"{path}: weights without the preprocessing statistics ({', '.join(missing)} "
+            "missing): not a weights file written by alexnet train or import-torchvision"
+        )
+    stats = Preprocess(
+        **{f.name: pre[f.name].numpy().astype(np.float64) for f in fields(Preprocess)}
+    )
+    state = {k: v for k, v in tensors.items() if not k.startswith(PREPROCESS_PREFIX)}
+    return state, stats
+
+
+def weights_metadata(profile, classes: list[str], extra: Mapping[str, str] | None = None) -> dict:
+    """The metadata of a weights file: format, profile name and full config, class names."""
+    meta = {
+        "format": WEIGHTS_FORMAT,
+        "profile": profile.name,
+        "config": json.dumps(profile.to_dict()),
+        "classes": json.dumps(list(classes)),
+    }
+    meta.update(extra or {})
+    return meta
 
 
 # --- training state: torch.save, loaded with weights_only=True ---------------------------------

@@ -4,15 +4,19 @@ A profile is a named, frozen set of values: the network (`ModelConfig`), the dat
 (`DataConfig`) and the training recipe (`TrainConfig`). The CLI maps its flags onto the same
 dataclasses with `dataclasses.replace`, and every run saves the fully resolved config as JSON.
 
-Sources for every number: ../shared/alexnet-facts.md (the paper, the 2012 cuda-convnet code
-`layers-145.cfg` / `layer-params-145.cfg`, Caffe's bvlc_alexnet, torchvision).
+Sources for every number: docs/facts.md (the paper, the 2012 cuda-convnet code `layers-145.cfg` /
+`layer-params-145.cfg`, Caffe's bvlc_alexnet, torchvision).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from alexnet.errors import BadInput
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
@@ -264,9 +268,7 @@ def get_profile(name: str) -> Profile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}"
-        ) from None
+        raise BadInput(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}") from None
 
 
 def replace_checked(config: Any, what: str, **overrides: Any) -> Any:
@@ -274,7 +276,7 @@ def replace_checked(config: Any, what: str, **overrides: Any) -> Any:
     names = [f.name for f in dataclasses.fields(config)]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise ValueError(
+        raise BadInput(
             f"unknown {what} override(s) {', '.join(unknown)}; valid: {', '.join(names)}"
         )
     return dataclasses.replace(config, **overrides)
@@ -301,3 +303,197 @@ def profile_from_dict(d: dict[str, Any]) -> Profile:
         data=build(DataConfig, d["data"]),
         train=build(TrainConfig, d["train"]),
     )
+
+
+# --- comparing profiles ------------------------------------------------------------------------
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"lrn": True}} -> {"model.lrn": True}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def profile_diff(profile: Profile | dict[str, Any], base: str = "paper") -> list[tuple]:
+    """[(dotted key, the profile's value, the base profile's value)] for every value that
+    differs (name and description aside). `profile` may be a Profile or its to_dict() as read
+    back from JSON (lists for tuples: compared as JSON)."""
+    mine = flatten(profile.to_dict() if isinstance(profile, Profile) else profile)
+    ref = flatten(get_profile(base).to_dict())
+
+    def same(a, b) -> bool:
+        return json.dumps(a, default=str) == json.dumps(b, default=str)
+
+    return [
+        (k, mine[k], ref.get(k, "(absent)"))
+        for k in mine
+        if k not in ("name", "description") and not same(mine[k], ref.get(k))
+    ]
+
+
+def deviations_from_paper(profile: Profile) -> list[str]:
+    """Every value of the profile that differs from the paper profile, as text."""
+    return [f"{k}: {mine!r} (paper: {paper!r})" for k, mine, paper in profile_diff(profile)]
+
+
+def profile_differences(names: list[str] | None = None) -> list[tuple[str, list[Any]]]:
+    """[(dotted key, value per profile)] for every value on which the profiles differ."""
+    flat = [flatten(get_profile(n).to_dict()) for n in (names or list(PROFILES))]
+    keys = [k for k in flat[0] if k not in ("name", "description")]
+    return [(k, [f[k] for f in flat]) for k in keys if len({repr(f[k]) for f in flat}) > 1]
+
+
+# --- `--set SECTION.FIELD=VALUE` ---------------------------------------------------------------
+def parse_value(text: str, current: Any) -> Any:
+    """A --set value, typed like the field's current value (JSON for anything non-scalar)."""
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise BadInput(f"expected true/false, got {text!r}")
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float) or current is None:
+            try:
+                return float(text) if "." in text or "e" in text.lower() else int(text)
+            except ValueError:
+                return float(text) if text.lower() in ("nan", "inf", "-inf") else text
+        if isinstance(current, (tuple, list, dict)):
+            v = json.loads(text)
+            if isinstance(v, list):
+                return tuple(tuple(x) if isinstance(x, list) else x for x in v)
+            return v
+    except (ValueError, json.JSONDecodeError):
+        raise BadInput(f"cannot read {text!r} as a {type(current).__name__}") from None
+    return text
+
+
+def apply_overrides(profile: Profile, sets: list[str]) -> Profile:
+    """`--set model.dropout=0.3 train.lr=0.02 data.lighting_std=0` onto the profile."""
+    sections = {"model": profile.model, "data": profile.data, "train": profile.train}
+    for item in sets:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in sections:
+            raise BadInput(
+                f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of model, data, "
+                "train (see `alexnet profiles`)"
+            )
+        config = sections[section]
+        names = {f.name for f in dataclasses.fields(config)}
+        if name not in names:
+            valid = ", ".join(sorted(names))
+            raise BadInput(f"--set {item!r}: {section} has no field {name!r}; valid: {valid}")
+        try:
+            value = parse_value(text, getattr(config, name))
+        except BadInput as e:
+            raise BadInput(f"--set {item!r}: {e}") from None
+        sections[section] = replace_checked(config, section, **{name: value})
+    return dataclasses.replace(profile, **sections)
+
+
+# --- checking values ---------------------------------------------------------------------------
+CHOICES = {
+    "model.layout": ("two-tower", "torchvision"),
+    "model.order": ("paper", "cuda-convnet"),
+    "model.activation": ("relu", "tanh"),
+    "model.pool": ("overlap", "nonoverlap"),
+    "model.towers": (1, 2),
+    "model.drop_conv": (3, 4, 5, None),
+    "model.dropout_style": ("classic", "inverted"),
+    "data.lighting": ("paper", "cuda-convnet"),
+    "data.mean": ("image", "center", "channel", "channel-std"),
+    "train.optimizer": ("paper-sgd", "sgd"),
+    "train.schedule": ("plateau", "steps", "linear"),
+}
+# (lowest, highest, lowest included, highest included); None: unbounded
+RANGES = {
+    "model.lrn_size": (1, None, True, True),
+    "model.lrn_k": (0, None, True, True),
+    "model.lrn_alpha": (0, None, True, True),
+    "model.lrn_beta": (0, None, True, True),
+    "model.spatial_norm_size": (1, None, True, True),
+    "model.spatial_norm_k": (0, None, True, True),
+    "model.spatial_norm_alpha": (0, None, True, True),
+    "model.spatial_norm_beta": (0, None, True, True),
+    "model.dropout": (0, 1, True, False),
+    "model.input_size": (63, None, True, True),
+    "model.conv1_pad_right_bottom": (0, None, True, True),
+    "data.image_size": (1, None, True, True),
+    "data.crop_size": (1, None, True, True),
+    "data.lighting_std": (0, None, True, True),
+    "data.crop_chunk": (1, None, True, True),
+    "data.input_scale": (0, None, False, True),
+    "train.epochs": (1, None, True, True),
+    "train.epoch_images": (1, None, True, True),
+    "train.batch_size": (1, None, True, True),
+    "train.lr": (0, None, True, True),
+    "train.momentum": (0, 1, True, False),
+    "train.weight_decay": (0, None, True, True),
+    "train.bias_lr_mult": (0, None, True, True),
+    "train.max_lr_drops": (0, None, True, True),
+    "train.plateau_patience": (1, None, True, True),
+    "train.plateau_threshold": (0, None, True, True),
+    "train.plateau_chance_margin": (0, 1, True, True),
+    "train.chance_warning_epochs": (0, None, True, True),
+    "train.warmup_epochs": (0, None, True, True),
+    "train.label_smoothing": (0, 1, True, False),
+}
+
+
+def _check_number(key: str, v: Any) -> None:
+    lo, hi, lo_in, hi_in = RANGES[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise BadInput(f"{key}={v!r} must be a finite number")
+    if lo is not None and (v < lo or (v == lo and not lo_in)):
+        raise BadInput(f"{key}={v!r} must be {'>=' if lo_in else '>'} {lo}")
+    if hi is not None and (v > hi or (v == hi and not hi_in)):
+        raise BadInput(f"{key}={v!r} must be {'<=' if hi_in else '<'} {hi}")
+
+
+def _check_section(flat: dict[str, Any], section: str) -> None:
+    for key, valid in CHOICES.items():
+        if key.startswith(section) and flat[key] not in valid:
+            raise BadInput(f"{key}={flat[key]!r} is not one of {list(valid)}")
+    for key in RANGES:
+        if key.startswith(section) and flat[key] is not None:  # None: e.g. the whole split
+            _check_number(key, flat[key])
+
+
+def check_model_config(model: ModelConfig) -> ModelConfig:
+    """The network's values checked (choices and ranges); BadInput naming the field otherwise."""
+    _check_section(flatten({"model": dataclasses.asdict(model)}), "model.")
+    return model
+
+
+def check_profile(profile: Profile) -> Profile:
+    """The profile if every value is one the program can run (finite numbers in range, known
+    choices, a value per layer for the init); BadInput naming the field otherwise. Called when
+    a run's configuration is resolved, before anything is written."""
+    flat = flatten(profile.to_dict())
+    for section in ("model.", "data.", "train."):
+        _check_section(flat, section)
+    for what in ("init_std", "init_bias"):
+        values = getattr(profile.model, what)
+        if not isinstance(values, dict) or set(values) != set(LAYERS):
+            raise BadInput(f"model.{what} must give a value for each of {', '.join(LAYERS)}")
+        for name, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise BadInput(f"model.{what}[{name!r}]={v!r} must be a finite number")
+        if what == "init_std" and any(v < 0 for v in values.values()):
+            raise BadInput(f"model.init_std must be >= 0, got {values}")
+    if profile.data.crop_size > profile.data.image_size:
+        raise BadInput(
+            f"data.crop_size {profile.data.crop_size} is larger than data.image_size "
+            f"{profile.data.image_size}"
+        )
+    for _epoch, lr in profile.train.conv1_lr_schedule:
+        _check_number("train.lr", lr)
+    return profile

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from alexnet.errors import BadInput
 
 
 @dataclass
@@ -32,8 +35,6 @@ class Context:
     devices: list[torch.device]  # one model replica's devices (two with --model-parallel 2)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         one_gpu = self.device.type == "cuda" and len(self.devices) == 1
         return DDP(model, device_ids=[self.device.index] if one_gpu else None)
 
@@ -56,7 +57,7 @@ def context(device: str = "auto", requested: bool = False, model_parallel: int =
     """A Context under torchrun (or None in a plain single process)."""
     if not launched_by_torchrun():
         if requested:
-            raise ValueError(
+            raise BadInput(
                 "--distributed needs the torchrun launcher: torchrun --nproc-per-node N "
                 "-m alexnet train ... (see the README)"
             )
@@ -68,7 +69,7 @@ def context(device: str = "auto", requested: bool = False, model_parallel: int =
     if use_cuda:
         first, count = local * model_parallel, torch.cuda.device_count()
         if first + model_parallel > count:
-            raise ValueError(
+            raise BadInput(
                 f"local rank {local} with --model-parallel {model_parallel} needs cuda:{first}.."
                 f"cuda:{first + model_parallel - 1}; this node has {count} GPUs: launch at most "
                 f"{count // model_parallel} processes per node"

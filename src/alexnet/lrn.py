@@ -42,6 +42,7 @@ import os
 import warnings
 
 import torch
+import torch._dynamo.config as dynamo_config
 import torch.nn.functional as F
 from torch import nn
 
@@ -214,8 +215,6 @@ def _call(name: str, x: torch.Tensor, args: tuple, consts: tuple) -> torch.Tenso
         key = _key(x, consts)
         if key in keys or len(keys) < MAX_COMPILED_KEYS:
             if name not in _compiled:
-                import torch._dynamo.config as dynamo_config
-
                 limit = max(dynamo_config.recompile_limit, MAX_COMPILED_KEYS)
                 dynamo_config.recompile_limit = limit
                 _compiled[name] = torch.compile(fn, dynamic=False)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from alexnet.config import TrainConfig
+from alexnet.errors import BadInput
 
 OPTIMIZERS = ("paper-sgd", "sgd")
 SCHEDULES = ("plateau", "steps", "linear")
@@ -109,28 +110,20 @@ def _step_foreach(params, grads, velocities, lr: float, m: float, wd: float) -> 
         torch._foreach_add_(ps, vs)
 
 
-def _conv1_module(model: nn.Module) -> nn.Module | None:
-    if hasattr(model, "conv1"):
-        return model.conv1  # the two-tower nets (any device layout)
-    features = getattr(model, "features", None)
-    if isinstance(features, nn.Sequential) and len(features) > 0:
-        return features[0]  # torchvision's layout: features.0 is conv1
-    return None
-
-
 def param_groups(model: nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
     """The model's trainable parameters as optimiser groups, each with "name" and "lr_mult":
 
-    - "conv1.weight", "conv1.bias": conv1's own groups (cuda-convnet lowers conv1's lr
-      separately at epochs 67 and 72, layer-params-145 log);
+    - "conv1.weight", "conv1.bias": conv1's own groups, the model's `conv1_parameters()` (both
+      layouts of alexnet.model have it; cuda-convnet lowers conv1's lr separately at epochs 67
+      and 72, layer-params-145 log);
     - "weights": every other parameter with ndim > 1 (lr_mult 1, weight_decay train.weight_decay);
     - "biases": every other 1-D parameter (lr_mult train.bias_lr_mult; weight_decay 0 unless
       train.bias_decay; layer-params-145 / Caffe: bias lr 2x, no bias decay).
 
     Groups with no parameters are left out. "lr" is set to train.lr * lr_mult.
     """
-    conv1 = _conv1_module(model)
-    conv1_ids = {id(p) for p in conv1.parameters()} if conv1 is not None else set()
+    conv1 = getattr(model, "conv1_parameters", None)  # both layouts of alexnet.model have it
+    conv1_ids = {id(p) for p in conv1()} if conv1 is not None else set()
     buckets: dict[str, list[nn.Parameter]] = {
         name: [] for name in (*CONV1_GROUPS, "weights", "biases")
     }
@@ -182,7 +175,7 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
             weight_decay=train.weight_decay,
             nesterov=False,
         )
-    raise ValueError(
+    raise BadInput(
         f"unknown optimizer {train.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
     )
 
@@ -237,7 +230,7 @@ class LRSchedule:
         chance_error: float | None = None,
     ):
         if train.schedule not in SCHEDULES:
-            raise ValueError(
+            raise BadInput(
                 f"unknown schedule {train.schedule!r}; valid schedules: {', '.join(SCHEDULES)}"
             )
         if steps_per_epoch < 1:
@@ -358,7 +351,7 @@ class LRSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("schedule") != self.train.schedule:
-            raise ValueError(
+            raise BadInput(
                 f"lr schedule state is for {state.get('schedule')!r}, "
                 f"this run uses {self.train.schedule!r}"
             )

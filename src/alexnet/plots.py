@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -11,15 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(step records, epoch records) of a run's metrics.jsonl."""
-    steps, epochs = [], []
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        (steps if r.get("kind") == "step" else epochs).append(r)
-    return steps, epochs
+def split_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(step records, epoch records) of a run's metrics (runlog.read_metrics)."""
+    steps = [r for r in records if r.get("kind") == "step"]
+    return steps, [r for r in records if r.get("kind") != "step"]
 
 
 def lr_drop_epochs(steps: list[dict], epochs: list[dict]) -> list[float]:
@@ -38,9 +32,10 @@ def lr_drop_epochs(steps: list[dict], epochs: list[dict]) -> list[float]:
     return sorted(set(drops))
 
 
-def plot_curves(metrics: str | Path, out: str | Path) -> Path:
-    """curves.png: train/val loss and val top-1/top-5 error against epochs, lr drops marked."""
-    steps, epochs = read_metrics(metrics)
+def plot_curves(records: list[dict], out: str | Path) -> Path:
+    """curves.png: train/val loss and val top-1/top-5 error against epochs, lr drops marked,
+    from a run's metrics records (runlog.read_metrics)."""
+    steps, epochs = split_records(records)
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
     if steps:
         ax_loss.plot(
@@ -69,9 +64,14 @@ def plot_curves(metrics: str | Path, out: str | Path) -> Path:
         if ax.has_data():
             ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically (a reader never sees a half-written PNG), close it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
-    tmp.replace(out)  # a reader never sees a half-written PNG
-    return out
+    tmp.replace(path)
+    return path

@@ -28,6 +28,29 @@ import platform
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from alexnet.errors import BadInput
+
+
+# --- CPU speed tweaks inside the network (same function, faster on CPUs) ------------------------
+def conv2d_per_tower(x, weight, bias, stride: int, pad: int, towers: int) -> torch.Tensor:
+    """A convolution whose every kernel sees all input maps (conv1, conv3), computed as the
+    paper's towers do (Sec. 3.2): each tower's half of the kernels on its own, then the maps
+    concatenated. The same function as one convolution; used on CPUs, where oneDNN's
+    weight-gradient kernel for conv1's 96 maps costs about twice as much per multiply-add as for
+    48 (BENCHMARKS.md)."""
+    halves = zip(weight.chunk(towers), bias.chunk(towers), strict=True)
+    return torch.cat([F.conv2d(x, w, b, stride, pad) for w, b in halves], 1)
+
+
+def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """On CPUs the two-tower net runs channels_last whatever its input's memory format (the same
+    function): torch's NCHW max-pool is several times slower than its NHWC one on the 96 and 256
+    maps pooled there, and the LRN's kernels suit it (alexnet.lrn; BENCHMARKS.md)."""
+    if x.device.type == "cpu":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 @dataclass(frozen=True)
@@ -53,7 +76,7 @@ class FastMode:
         dtypes = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
         extra = set(parts[1:]) - {"cl", "compile"}
         if parts[0] not in dtypes or extra:
-            raise ValueError(
+            raise BadInput(
                 f"unknown mode {label!r}: a precision (fp32, bf16, fp16) optionally followed by "
                 "+cl and/or +compile, e.g. bf16+cl"
             )

@@ -1,4 +1,4 @@
-"""`alexnet train`: the paper's recipe (Sec. 5), resumable bit for bit, observable.
+"""Training: the paper's recipe (Sec. 5), resumable bit for bit, observable.
 
 One explicit loop, in the manner of torchvision's references/classification:
 
@@ -7,7 +7,7 @@ One explicit loop, in the manner of torchvision's references/classification:
             lr from the schedule; forward; loss; backward; PaperSGD step (Sec. 5)
             every --checkpoint-every steps: checkpoint
         validate (top-1/top-5, centre view); the plateau rule may divide the lr by 10 (Sec. 5)
-        checkpoint, metrics.jsonl, TensorBoard, curves.png
+        checkpoint, metrics.jsonl, TensorBoard, curves.png (alexnet.runlog)
 
 What lands in RUN (the --out folder):
     config.json         the fully resolved configuration, written before the first step
@@ -20,14 +20,11 @@ What lands in RUN (the --out folder):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +36,19 @@ from alexnet import checkpoint
 from alexnet.config import (
     PROFILES,
     Profile,
+    check_profile,
+    deviations_from_paper,
     get_profile,
     profile_from_dict,
-    replace_checked,
 )
-from alexnet.model import build_model
+from alexnet.data import make_eval_loader, make_train_loader, open_store
+from alexnet.devices import model_devices
+from alexnet.errors import BadInput, NotFound
+from alexnet.evaluate import evaluate_model
+from alexnet.fileio import write_json
+from alexnet.model import AlexNet, build_model
 from alexnet.optim import LRSchedule, make_optimizer
+from alexnet.runlog import RunLog
 from alexnet.speed import FastMode, autocast, default_fast_mode, maybe_compile, prepare_model
 
 RUN_FORMAT = "alexnet-run/1"
@@ -73,78 +77,18 @@ class RunConfig:
     val_limit: int | None = None  # validate on N images spread over the split (None: all)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def model_devices(name: str, model_parallel: int = 1) -> list[torch.device]:
-    """The devices of one model replica: [d] or, for the paper's two towers, [d, next GPU]."""
-    if model_parallel not in (1, 2):
-        raise ValueError(
-            f"--model-parallel must be 1 or 2 (the paper's two towers), got {model_parallel}"
-        )
-    dev = resolve_device(name)
-    if dev.type != "cuda":
-        return [dev] * model_parallel
-    first = dev.index if dev.index is not None else 0
-    count = torch.cuda.device_count()
-    if first + model_parallel > count:
-        raise ValueError(
-            f"--model-parallel {model_parallel} from cuda:{first} needs {model_parallel} GPUs "
-            f"(cuda:{first}..cuda:{first + model_parallel - 1}); this machine has {count}"
-        )
-    return [torch.device("cuda", first + i) for i in range(model_parallel)]
-
-
-def _parse_value(text: str, current: Any) -> Any:
-    """A --set value, typed like the field's current value (JSON for anything non-scalar)."""
-    if isinstance(current, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected true/false, got {text!r}")
-    if text.lower() in ("none", "null"):
-        return None
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float) or current is None:
-        try:
-            return float(text) if "." in text or "e" in text.lower() else int(text)
-        except ValueError:
-            return text
-    if isinstance(current, (tuple, list, dict)):
-        v = json.loads(text)
-        if isinstance(v, list):
-            return tuple(tuple(x) if isinstance(x, list) else x for x in v)
-        return v
-    return text
-
-
-def apply_overrides(profile: Profile, sets: list[str]) -> Profile:
-    """`--set model.dropout=0.3 train.lr=0.02 data.lighting_std=0` onto the profile."""
-    sections = {"model": profile.model, "data": profile.data, "train": profile.train}
-    for item in sets:
-        key, sep, text = item.partition("=")
-        section, dot, field = key.partition(".")
-        if not sep or not dot or section not in sections:
-            raise ValueError(
-                f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of model, data, "
-                "train (see `alexnet profiles`)"
-            )
-        config = sections[section]
-        names = {f.name for f in dataclasses.fields(config)}
-        if field not in names:
-            raise ValueError(
-                f"--set {item!r}: {section} has no field {field!r}; "
-                f"valid: {', '.join(sorted(names))}"
-            )
-        sections[section] = replace_checked(
-            config, section, **{field: _parse_value(text, getattr(config, field))}
-        )
-    return dataclasses.replace(profile, **sections)
+def read_run_config(out: str | Path) -> tuple[Profile, RunConfig]:
+    """The (profile, run settings) a run folder's config.json records."""
+    path = Path(out) / "config.json"
+    if not path.exists():
+        raise NotFound(f"{path}: not a run folder (no config.json)")
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("format") != RUN_FORMAT:
+            raise BadInput(f"{path}: not a run of this program")
+        return profile_from_dict(saved["profile"]), RunConfig(**saved["run"])
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        raise BadInput(f"{path}: empty, incomplete or corrupt run configuration") from None
 
 
 class Interrupt:
@@ -177,33 +121,6 @@ class Interrupt:
             signal.signal(sig, old)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, default=str) + "\n"
-    checkpoint.atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def weights_metadata(profile: Profile, classes: list[str], extra: dict | None = None) -> dict:
-    meta = {
-        "format": "alexnet-weights/1",
-        "profile": profile.name,
-        "config": json.dumps(profile.to_dict()),
-        "classes": json.dumps(list(classes)),
-    }
-    meta.update(extra or {})
-    return meta
-
-
-def preprocess_tensors(stats) -> dict[str, torch.Tensor]:
-    """The store's statistics that prediction needs, saved beside the weights."""
-    return {
-        "preprocess.mean_image": torch.as_tensor(stats.mean_image, dtype=torch.float32),
-        "preprocess.channel_mean": torch.as_tensor(stats.channel_mean, dtype=torch.float32),
-        "preprocess.channel_std": torch.as_tensor(stats.channel_std, dtype=torch.float32),
-        "preprocess.eigval": torch.as_tensor(stats.eigval, dtype=torch.float32),
-        "preprocess.eigvec": torch.as_tensor(stats.eigvec, dtype=torch.float32),
-    }
-
-
 @dataclass
 class Position:
     epoch: int = 0  # the epoch in progress
@@ -215,9 +132,7 @@ class Trainer:
     """One training run. `Trainer(profile, run).fit()`; see the module docstring."""
 
     def __init__(self, profile: Profile, run: RunConfig, *, resume: bool = False, dist=None):
-        from alexnet.data import open_store  # the data package is only needed to train
-
-        self.profile, self.run = profile, run
+        self.profile, self.run = check_profile(profile), run
         self.out = Path(run.out)
         self.dist = dist  # alexnet.distributed.Context or None
         self.rank = dist.rank if dist else 0
@@ -228,11 +143,11 @@ class Trainer:
         self.device = self.devices[0]
         self.store = open_store(run.data)
         if "train" not in self.store.splits:
-            raise ValueError(f"{run.data}: the store has no 'train' split")
+            raise BadInput(f"{run.data}: the store has no 'train' split")
         self.num_classes = self.store.num_classes
         t = profile.train
         if t.batch_size % self.world:
-            raise ValueError(f"batch size {t.batch_size} does not divide over {self.world} ranks")
+            raise BadInput(f"batch size {t.batch_size} does not divide over {self.world} ranks")
         self.local_batch = t.batch_size // self.world  # the global batch is the recipe's
 
         torch.manual_seed(run.seed)
@@ -245,25 +160,25 @@ class Trainer:
             epoch_images = min(epoch_images, t.epoch_images)
         self.steps_per_epoch = epoch_images // t.batch_size
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise BadInput(
                 f"the train split has {self.store.size('train')} images, fewer than one batch "
                 f"of {t.batch_size}"
             )
-        base_epochs = (
-            get_profile(profile.name).train.epochs if profile.name in PROFILES else t.epochs
-        )
+        # A named profile's schedule is laid out for its own length; --epochs stretches it.
+        base = get_profile(profile.name).train.epochs if profile.name in PROFILES else t.epochs
         self.schedule = LRSchedule(
             t,
             self.steps_per_epoch,
-            epoch_scale=t.epochs / base_epochs,
+            epoch_scale=t.epochs / base,
             chance_error=1.0 - 1.0 / self.num_classes,  # the plateau rule waits below this
         )
         self.pos = Position()
         self.history: list[dict[str, Any]] = []
+        self.log = RunLog(self.out, main=self.is_main)
         self.train_model = self.model  # what the training step calls: DDP and compiled wrappers
         if dist is not None and self.world > 1:
             self.train_model = dist.wrap(self.model)
-            if hasattr(model, "dropout_rows"):  # the global batch's dropout masks (model.py)
+            if isinstance(model, AlexNet):  # the global batch's dropout masks (model.py)
                 model.dropout_rows = (self.rank * self.local_batch, t.batch_size)
         self.train_model = maybe_compile(self.train_model, self.mode)
         if resume:
@@ -315,8 +230,8 @@ class Trainer:
             return
         checkpoint.save_state(self.out / "state.pt", self._state())
         tensors = dict(self.model.state_dict())
-        tensors.update(preprocess_tensors(self.store.stats))
-        meta = weights_metadata(
+        tensors.update(checkpoint.stats_tensors(self.store.stats))
+        meta = checkpoint.weights_metadata(
             self.profile,
             self.store.classes,
             {"step": str(self.pos.step), "epoch": str(self.pos.epoch)},
@@ -329,11 +244,11 @@ class Trainer:
             # Killed before its first checkpoint: the run starts over, with its own config.
             if self.is_main:
                 print(f"{path}: no checkpoint yet; starting the run over", file=sys.stderr)
-                self._truncate_metrics()
+                self.log.truncate(0, 0)
             return
         state = checkpoint.load_state(path, map_location="cpu")
         if state.get("format") != RUN_FORMAT:
-            raise ValueError(f"{path}: not a checkpoint of this program ({state.get('format')!r})")
+            raise BadInput(f"{path}: not a checkpoint of this program ({state.get('format')!r})")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -341,7 +256,7 @@ class Trainer:
         self.history = json.loads(state["history"])
         checkpoint.restore_rng_state(state["rng"])
         if self.is_main:
-            self._truncate_metrics()
+            self.log.truncate(self.pos.epoch, self.pos.step)
             print(
                 f"resuming {self.out} at epoch {self.pos.epoch + 1}, batch {self.pos.batch}, "
                 f"step {self.pos.step}",
@@ -350,8 +265,6 @@ class Trainer:
 
     # --- one epoch -----------------------------------------------------------------------
     def _loader(self, epoch: int, start_batch: int):
-        from alexnet.data import make_train_loader
-
         return make_train_loader(
             self.store,
             self.profile.data,
@@ -374,16 +287,14 @@ class Trainer:
         # The loss in float32 whatever the autocast dtype (softmax of Sec. 3.5 / cross-entropy).
         return F.cross_entropy(out.float(), y, label_smoothing=self.profile.train.label_smoothing)
 
-    def train_epoch(self, interrupt: Interrupt, bar_factory: Callable) -> str:
+    def train_epoch(self, interrupt: Interrupt) -> str:
         """Runs the rest of the current epoch. Returns "done", "interrupted" or "max_steps"."""
         epoch, spe = self.pos.epoch, self.steps_per_epoch
-        loader = self._loader(epoch, self.pos.batch)
         self.train_model.train()
-        losses: list[tuple[int, torch.Tensor]] = []
-        seen, t0 = 0, time.perf_counter()
-        bar = bar_factory(total=spe, initial=self.pos.batch, desc=f"epoch {epoch + 1}")
-        status = "done"
-        for x, y in loader:
+        losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last log line
+        seen, t0, status = 0, time.perf_counter(), "done"
+        bar = self.log.bar(total=spe, initial=self.pos.batch, desc=f"epoch {epoch + 1}")
+        for x, y in self._loader(epoch, self.pos.batch):
             if self.pos.batch >= spe:
                 break
             lr = self.schedule.apply(self.optimizer, epoch + self.pos.batch / spe)
@@ -399,15 +310,8 @@ class Trainer:
                 bar.update(1)
             log_now = self.pos.step % self.run.log_every == 0 or self.pos.batch == spe
             if log_now or interrupt.requested:
-                self._check_finite(losses)
                 rate = seen / (time.perf_counter() - t0)
-                mean_loss = torch.stack([v for _, v in losses]).float().mean()
-                if log_now and self.dist is not None and self.world > 1:
-                    # Every rank logs at the same steps: the mean over the global batch.
-                    mean_loss = self.dist.all_reduce_sum(mean_loss.detach().cpu()) / self.world
-                mean_loss = float(mean_loss)
-                self._log_step(mean_loss, lr, rate, bar)
-                losses.clear()
+                self._log_losses(losses, lr, rate, bar, all_ranks=log_now)
             if self.run.checkpoint_every and self.pos.step % self.run.checkpoint_every == 0:
                 self._check_finite(losses)
                 self.save_checkpoint()
@@ -426,6 +330,24 @@ class Trainer:
             self.pos.batch = 0
         return status
 
+    def _log_losses(self, losses, lr: float, rate: float, bar, all_ranks: bool) -> None:
+        """A metrics line with the mean loss since the last one: over the global batch when
+        every rank logs at this step (`all_ranks`), else this rank's (an interrupt)."""
+        self._check_finite(losses)
+        mean_loss = torch.stack([v for _, v in losses]).float().mean()
+        if all_ranks and self.dist is not None and self.world > 1:
+            mean_loss = self.dist.all_reduce_sum(mean_loss.detach().cpu()) / self.world
+        rec = {
+            "kind": "step",
+            "step": self.pos.step,
+            "epoch": round(self.pos.epoch + self.pos.batch / self.steps_per_epoch, 4),
+            "loss": float(mean_loss),
+            "lr": lr,
+            "images_per_s": rate,
+        }
+        self.log.step(rec, bar)
+        losses.clear()
+
     def _max_steps_reached(self) -> bool:
         return self.run.max_steps is not None and self.pos.step >= self.run.max_steps
 
@@ -441,56 +363,8 @@ class Trainer:
                 f"stopped and {self.out / 'state.pt'} keeps the last good checkpoint"
             )
 
-    def _log_step(self, loss: float, lr: float, rate: float, bar) -> None:
-        rec = {
-            "kind": "step",
-            "step": self.pos.step,
-            "epoch": round(self.pos.epoch + self.pos.batch / self.steps_per_epoch, 4),
-            "loss": loss,
-            "lr": lr,
-            "images_per_s": rate,
-        }
-        if not self.is_main:
-            return
-        self._append_metrics(rec)
-        if self.tb is not None:
-            self.tb.add_scalar("train/loss", loss, self.pos.step)
-            self.tb.add_scalar("train/lr", lr, self.pos.step)
-            self.tb.add_scalar("train/images_per_s", rate, self.pos.step)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2g}", img_s=f"{rate:.0f}")
-        else:
-            print(
-                f"epoch {rec['epoch']:.3f} step {self.pos.step} loss {loss:.4f} lr {lr:.3g} "
-                f"{rate:.1f} img/s",
-                flush=True,
-            )
-
-    def _truncate_metrics(self) -> None:
-        """Drop what was logged after the checkpoint being resumed: it will run again."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return
-
-        def before(r: dict) -> bool:
-            if r["kind"] == "epoch":
-                return r["epoch"] <= self.pos.epoch  # pos.epoch: epochs completed
-            return r["step"] <= self.pos.step
-
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        keep = [line for line in lines if before(json.loads(line))]
-        text = "".join(line + "\n" for line in keep)
-        checkpoint.atomic_write(path, lambda f: f.write(text.encode()))
-
-    def _append_metrics(self, rec: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
     # --- validation ----------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        from alexnet.data import make_eval_loader
-        from alexnet.evaluate import evaluate_model
-
         split = "val" if "val" in self.store.splits else self.store.splits[-1]
         loader = make_eval_loader(
             self.store,
@@ -511,20 +385,18 @@ class Trainer:
             mode=self.mode,
             device=self.device,
             dist=self.dist,
-            progress=self.is_main and sys.stderr.isatty(),
+            progress=self.log.bars,
         )
 
     def end_epoch(self, train_seconds: float) -> None:
         v = self.validate()
         epoch = self.pos.epoch  # already advanced: epochs completed
         dropped = self.schedule.on_validation(epoch, v["top1_error"])
-        step_losses = self._epoch_train_loss(epoch)
-        warning = self._chance_warning(epoch, v["top1_error"])
         rec = {
             "kind": "epoch",
             "epoch": epoch,
             "step": self.pos.step,
-            "train_loss": step_losses,
+            "train_loss": self.log.epoch_train_loss(epoch) if self.is_main else None,
             "val_loss": v["loss"],
             "val_top1_error": v["top1_error"],
             "val_top5_error": v["top5_error"],
@@ -534,78 +406,33 @@ class Trainer:
             "lr_drops": self.schedule.drops,  # every drop so far, for curves.png
             "seconds": train_seconds,
         }
+        warning = self._chance_warning(epoch, v["top1_error"])
         if warning:
             rec["warning"] = warning
         self.history.append(rec)
-        if self.is_main:
-            self._append_metrics(rec)
-            if self.tb is not None:
-                for k in ("val_loss", "val_top1_error", "val_top5_error"):
-                    self.tb.add_scalar(f"val/{k[4:]}", rec[k], epoch)
-                self.tb.add_scalar("val/at_chance", float(self.schedule.at_chance), epoch)
-                if warning:
-                    self.tb.add_text("warning", warning, epoch)
-            print(
-                f"epoch {epoch}: val top-1 error {v['top1_error']:.2%}, "
-                f"top-5 {v['top5_error']:.2%}, loss {v['loss']:.4f}"
-                + ("  (lr divided by 10)" if dropped else ""),
-                flush=True,
-            )
-            from alexnet.plots import plot_curves
-
-            plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+        self.log.epoch(rec, self.schedule.at_chance)
 
     def _chance_warning(self, epoch: int, top1_error: float) -> str | None:
-        """A loud warning once the net has been at chance for chance_warning_epochs epochs
-        (the plateau rule is waiting for it, see optim.LRSchedule); printed on every rank 0
-        epoch from then on, and recorded in metrics.jsonl and TensorBoard."""
+        """A loud warning once the net has been at chance for chance_warning_epochs epochs (the
+        plateau rule is waiting for it, optim.LRSchedule), on every epoch from then on."""
         t = self.profile.train
         if not self.schedule.at_chance or not t.chance_warning_epochs:
             return None
         if epoch < t.chance_warning_epochs:
             return None
-        chance = self.schedule.chance_error
-        text = (
+        return (
             f"the network is still at chance after {epoch} epochs (validation top-1 error "
-            f"{top1_error:.2%}, chance {chance:.2%}); the lr is kept, not divided. Its recipe may "
-            "not learn on this data at this lr and init (see the README on the paper profile)"
+            f"{top1_error:.2%}, chance {self.schedule.chance_error:.2%}); the lr is kept, not "
+            "divided. Its recipe may not learn on this data at this lr and init (see the "
+            "README on the paper profile)"
         )
-        if self.is_main:
-            print(f"WARNING: {text}", file=sys.stderr, flush=True)
-        return text
-
-    def _epoch_train_loss(self, epoch: int) -> float | None:
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return None
-        vals = []
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            if r.get("kind") == "step" and epoch - 1 < r["epoch"] <= epoch:
-                vals.append(r["loss"])
-        return sum(vals) / len(vals) if vals else None
 
     # --- the run -------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        self.tb = None
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            _write_json(self.out / "config.json", self.resolved_config())
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.out))
-            except ImportError:  # tensorboard is a dependency, but training never needs it
-                self.tb = None
-        bars = self.is_main and sys.stderr.isatty()
-
-        def bar_factory(**kw):
-            if not bars:
-                return None
-            from tqdm import tqdm
-
-            return tqdm(unit="step", dynamic_ncols=True, **kw)
-
+            write_json(self.out / "config.json", self.resolved_config())
+        self.log.open(self.pos.step)
         status = "done"
         try:
             with Interrupt() as interrupt:
@@ -614,212 +441,19 @@ class Trainer:
                         status = "max_steps"
                         break
                     t0 = time.perf_counter()
-                    status = self.train_epoch(interrupt, bar_factory)
+                    status = self.train_epoch(interrupt)
                     if status == "done":
                         self.end_epoch(time.perf_counter() - t0)
-                        self.save_checkpoint()
-                        if interrupt.requested:
-                            status = "interrupted"
-                        elif self._max_steps_reached():
-                            status = "max_steps"
-                    else:
-                        self.save_checkpoint()
+                    self.save_checkpoint()
+                    if status == "done" and interrupt.requested:
+                        status = "interrupted"
+                    elif status == "done" and self._max_steps_reached():
+                        status = "max_steps"
                     if status != "done":
                         break
         finally:
-            if self.tb is not None:
-                self.tb.close()
+            self.log.close()
         result = {"status": status, "position": dataclasses.asdict(self.pos)}
         if self.history:
             result["last_epoch"] = self.history[-1]
         return result
-
-
-def deviations_from_paper(profile: Profile) -> list[str]:
-    """Every value of the profile that differs from the paper profile, as text."""
-    from alexnet.summary import _flatten
-
-    paper = _flatten(dataclasses.asdict(PROFILES["paper"]))
-    mine = _flatten(dataclasses.asdict(profile))
-    return [
-        f"{k}: {mine[k]!r} (paper: {paper.get(k)!r})"
-        for k in mine
-        if k not in ("name", "description") and mine[k] != paper.get(k)
-    ]
-
-
-# --- the command ---------------------------------------------------------------------------
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="a prepared store (alexnet prepare)")
-    p.add_argument("--out", help="the run folder (created)")
-    p.add_argument(
-        "--profile", default=None, help=f"recipe: one of {', '.join(PROFILES)} (default paper)"
-    )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="the global batch (split over ranks)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="RUN",
-        help="continue RUN (or --out) from its last checkpoint, exactly",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override any profile value, e.g. --set model.lrn=false --set data.lighting_std=0",
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument(
-        "--model-parallel",
-        type=int,
-        choices=(1, 2),
-        default=None,
-        metavar="{1,2}",
-        help="2: the paper's two towers on two GPUs (cuda:k and cuda:k+1); with torchrun, each "
-        "rank drives 2 GPUs (default 1)",
-    )
-    p.add_argument("--workers", type=int, help="data loader worker processes")
-    p.add_argument("--no-fast", action="store_true", help="float32 and default memory format")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
-    p.add_argument("--log-every", type=int, default=20, metavar="STEPS")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
-    p.add_argument(
-        "--val-limit",
-        type=int,
-        help="validate on N images spread evenly over the split (a class-balanced sample)",
-    )
-    p.add_argument(
-        "--distributed",
-        action="store_true",
-        help="data parallel under torchrun (the same as launching with torchrun)",
-    )
-
-
-def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
-    """The resolved (profile, run) for `alexnet train` arguments; on --resume, the run's own
-    config.json, with only the run settings that may change (device, workers) taken from flags."""
-    resume = args.resume
-    if resume:
-        out = Path(resume if isinstance(resume, str) else (args.out or ""))
-        if not str(out):
-            raise ValueError("--resume needs the run folder: --resume RUN or --out RUN")
-        cfg_path = out / "config.json"
-        if not cfg_path.exists():
-            raise FileNotFoundError(f"{cfg_path}: not a run folder (no config.json)")
-        saved = json.loads(cfg_path.read_text())
-        if saved.get("format") != RUN_FORMAT:
-            raise ValueError(f"{cfg_path}: not a run of this program")
-        profile = profile_from_dict(saved["profile"])
-        run = RunConfig(**saved["run"])
-        mp = getattr(args, "model_parallel", None)
-        if mp is not None and mp != run.model_parallel:
-            raise ValueError(
-                f"{out} was trained with --model-parallel {run.model_parallel}; its optimiser "
-                f"state is laid out for that and it resumes only with the same (got {mp})"
-            )
-        # --max-steps belongs to one invocation, not to the run: a resumed run goes on to its end.
-        changes = {"out": str(out), "max_steps": args.max_steps}
-        for flag, field in (("device", "device"), ("workers", "workers")):
-            v = getattr(args, flag)
-            if v is not None and v != "auto":
-                changes[field] = v
-        if args.epochs is not None:  # extend a finished run
-            profile = dataclasses.replace(
-                profile, train=dataclasses.replace(profile.train, epochs=args.epochs)
-            )
-        return profile, dataclasses.replace(run, **changes), True
-    if not args.data or not args.out:
-        raise ValueError("--data STORE and --out RUN are required (or --resume RUN)")
-    profile = get_profile(args.profile or "paper")
-    train_over = {}
-    for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr")):
-        v = getattr(args, flag)
-        if v is not None:
-            train_over[field] = v
-    profile = dataclasses.replace(
-        profile, train=replace_checked(profile.train, "train", **train_over)
-    )
-    profile = apply_overrides(profile, args.set)
-    if args.val_limit is not None and args.val_limit < 1:  # before an epoch, not after it
-        raise ValueError(f"--val-limit must be at least 1, got {args.val_limit}")
-    out = Path(args.out)
-    if (out / "state.pt").exists() or (out / "config.json").exists():
-        raise FileExistsError(
-            f"{out} already holds a run; continue it with --resume {out}, or choose another --out"
-        )
-    run = RunConfig(
-        data=args.data,
-        out=str(out),
-        seed=args.seed,
-        device=args.device,
-        model_parallel=args.model_parallel or 1,
-        workers=args.workers,
-        fast=not args.no_fast,
-        compile=args.compile,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every,
-        max_steps=args.max_steps,
-        val_limit=args.val_limit,
-    )
-    return profile, run, False
-
-
-def elastic_restart() -> bool:
-    """True in workers that torchrun started again after a failure."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-
-
-def cmd_train(args) -> int:
-    from alexnet import distributed
-
-    if (
-        not args.resume
-        and elastic_restart()
-        and args.out
-        and (Path(args.out) / "state.pt").exists()
-    ):
-        # torchrun restarted the workers after a failure (--max-restarts): continue the run.
-        args.resume = args.out
-    profile, run, resume = config_from_args(args)
-    with distributed.context(
-        run.device, requested=args.distributed, model_parallel=run.model_parallel
-    ) as dist:
-        trainer = Trainer(profile, run, resume=resume, dist=dist)
-        try:
-            result = trainer.fit()
-        except FloatingPointError as e:
-            print(f"alexnet train: {e}", file=sys.stderr)
-            return 3
-    if trainer.is_main:
-        status = result["status"]
-        where = f"{run.out}/model.safetensors"
-        if status == "interrupted":
-            print(f"interrupted; checkpoint saved. Continue with: alexnet train --resume {run.out}")
-            return 130
-        last = result.get("last_epoch")
-        if last:
-            print(
-                f"done: val top-1 error {last['val_top1_error']:.2%}, top-5 "
-                f"{last['val_top5_error']:.2%}; weights {where}; curves {run.out}/curves.png"
-            )
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a network on a prepared store (the paper's recipe by default)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_train_arguments(p)
-    p.set_defaults(func=cmd_train)

@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from alexnet.errors import BadInput
+
 RESAMPLE = Image.Resampling.BILINEAR
 
 
-class UnreadableImage(ValueError):
+class UnreadableImage(BadInput):
     """A file that is not a readable image (corrupt, truncated, not an image at all)."""
 
 

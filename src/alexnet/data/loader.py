@@ -26,14 +26,15 @@ from torch.utils.data import DataLoader, Dataset
 from alexnet.config import DataConfig
 from alexnet.data.store import Store, decode_record
 from alexnet.data.views import ViewSpec, epoch_permutation
+from alexnet.devices import available_cpus
+from alexnet.errors import BadInput
 
 
 def default_loader_workers() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(8, n - 1))
+    """Loader worker processes: this node's cores less the one the training process needs,
+    shared among the training processes of the node (torchrun's LOCAL_WORLD_SIZE)."""
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, (available_cpus() - 1) // local_ranks)
 
 
 def _shared_empty(shape, dtype) -> torch.Tensor:
@@ -107,7 +108,7 @@ def spread_indices(size: int, n: int | None) -> np.ndarray:
     if n is None or n >= size:
         return np.arange(size)
     if n < 1:
-        raise ValueError(f"limit must be at least 1, got {n}")
+        raise BadInput(f"limit must be at least 1, got {n}")
     return np.unique(np.linspace(0, size - 1, n).round().astype(np.int64))
 
 
@@ -241,16 +242,16 @@ def make_train_loader(
     uninterrupted epoch would yield there. `lighting=False` turns PCA lighting off (cuda-convnet
     switched colour noise off at epoch 67)."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
+        raise BadInput(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
     n = store.size(split)
     num_batches = n // (batch_size * world_size)
     if num_batches == 0:
-        raise ValueError(
+        raise BadInput(
             f"the {split} split has {n} images, fewer than one global batch of "
             f"{batch_size * world_size}"
         )
     if not 0 <= start_batch <= num_batches:
-        raise ValueError(f"start_batch {start_batch} outside 0..{num_batches}")
+        raise BadInput(f"start_batch {start_batch} outside 0..{num_batches}")
     workers = default_loader_workers() if workers is None else workers
     device = torch.device(device)
     spec = _spec(store, data, lighting)
@@ -286,7 +287,7 @@ def make_eval_loader(
     batch may be short): images (B, 3, c, c) for views=1 (the centre crop) or (B, 10, 3, c, c)
     for views=10 (ten_crop order), mean subtracted, no lighting."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
+        raise BadInput(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
     workers = default_loader_workers() if workers is None else workers
     device = torch.device(device)
     spec = _spec(store, data, lighting=False)

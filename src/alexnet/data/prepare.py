@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import multiprocessing as mp
-import os
 import shutil
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from alexnet.data import sources as src_mod
 from alexnet.data.images import UnreadableImage, paper_image
@@ -38,29 +38,18 @@ from alexnet.data.store import (
     shard_name,
     stats_from_sums,
 )
+from alexnet.devices import available_cpus
+from alexnet.errors import BadInput
+from alexnet.fileio import file_sha256, write_bytes
 
 ENCODINGS = ("jpeg", "raw")
 DEFAULT_QUALITY = 90
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def default_chunk_size(n: int) -> int:
     """Items per chunk: a function of the split size only (never of the worker count), so a
     resumed prepare cuts the source exactly as the interrupted one did."""
     return int(min(1024, max(32, -(-n // 64))))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -142,8 +131,8 @@ def do_chunk(task: tuple[str, int, int, int]) -> tuple[str, int, int, int]:
             # One streaming pass: exact integer sums (see store.stats_from_sums).
             sum_image += stored
             sum_xxT += _pixel_products(stored)
-    _atomic_write(out / split / shard_name(chunk), b"".join(records))
-    _atomic_write(
+    write_bytes(out / split / shard_name(chunk), b"".join(records))
+    write_bytes(
         out / WORK_DIR / f"{split}-{chunk:05d}.npz",
         _npz_bytes(
             lengths=np.asarray(lengths, dtype=np.int64),
@@ -159,8 +148,6 @@ def do_chunk(task: tuple[str, int, int, int]) -> tuple[str, int, int, int]:
 
 def _init_worker(source, params, out) -> None:
     _G.update(source=source, params=params, out=out)
-    import torch
-
     torch.set_num_threads(1)
 
 
@@ -187,18 +174,10 @@ def _chunk_done(out: Path, split: str, chunk: int) -> bool:
         return False
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_out(out: Path, params: dict) -> str:
     """'new', 'resume' or 'done'; a clear error if OUT holds anything else."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"OUT {out} is a file, not a directory")
+        raise BadInput(f"OUT {out} is a file, not a directory")
     if (out / MANIFEST).exists():
         try:
             old = json.loads((out / MANIFEST).read_text()).get("params")
@@ -206,7 +185,7 @@ def _check_out(out: Path, params: dict) -> str:
             old = None
         if old == params:
             return "done"
-        raise ValueError(
+        raise BadInput(
             f"OUT {out} already holds a prepared store made differently "
             f"({_differences(old, params)}); choose another OUT or delete it first"
         )
@@ -218,13 +197,13 @@ def _check_out(out: Path, params: dict) -> str:
             old = None
         if old == params:
             return "resume"
-        raise ValueError(
+        raise BadInput(
             f"OUT {out} holds an interrupted prepare of something else "
             f"({_differences(old, params)}): re-run that command to finish it, or choose "
             "another OUT"
         )
     if out.exists() and any(out.iterdir()):
-        raise ValueError(
+        raise BadInput(
             f"OUT {out} is not empty and holds no store: choose an empty or new directory"
         )
     return "new"
@@ -257,26 +236,26 @@ def prepare_store(
 ) -> Store:
     """Prepare (or resume, or recognise as done) the store OUT from the source SRC."""
     if encoding not in ENCODINGS:
-        raise ValueError(f"unknown --encoding {encoding!r}; valid: {', '.join(ENCODINGS)}")
+        raise BadInput(f"unknown --encoding {encoding!r}; valid: {', '.join(ENCODINGS)}")
     if size < 1:
-        raise ValueError(f"--size must be positive, got {size}")
+        raise BadInput(f"--size must be positive, got {size}")
     if not 1 <= jpeg_quality <= 100:
-        raise ValueError(f"--jpeg-quality must be 1..100, got {jpeg_quality}")
+        raise BadInput(f"--jpeg-quality must be 1..100, got {jpeg_quality}")
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"OUT {out} is a file, not a directory")
+        raise BadInput(f"OUT {out} is a file, not a directory")
     t0 = time.time()
     source = src_mod.open_source(src, kind, val_fraction, seed)
     if source.kind in ("folder", "imagenet") and out.resolve().is_relative_to(
         Path(src).resolve()
     ):  # its files would become part of the source's listing
-        raise ValueError(f"OUT {out} is inside SRC {src}: choose a directory outside the source")
+        raise BadInput(f"OUT {out} is inside SRC {src}: choose a directory outside the source")
     log(f"{'detected' if kind is None else 'source'}: {source.description}")
     if limit is not None:
         for sp in source.splits.values():
             sp.refs, sp.labels = sp.refs[:limit], sp.labels[:limit]
     if not source.splits["train"].refs:
-        raise ValueError(f"{src} has no training images")
+        raise BadInput(f"{src} has no training images")
     params = {
         "format": FORMAT,
         "version": VERSION,
@@ -302,7 +281,7 @@ def prepare_store(
         (out / split).mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     if state == "new":
-        _atomic_write(work / "state.json", json.dumps(params, indent=1).encode())
+        write_bytes(work / "state.json", json.dumps(params, indent=1).encode())
     for d in [work, *(out / s for s in source.splits)]:  # leftovers of a killed write
         for tmp in d.glob("*.tmp"):
             tmp.unlink()
@@ -313,7 +292,7 @@ def prepare_store(
     done_items = total - sum(t[3] - t[2] for t in todo)
     if state == "resume":
         log(f"resuming: {len(tasks) - len(todo)} of {len(tasks)} chunks already prepared")
-    workers = max(1, min(workers or default_workers(), len(todo) or 1))
+    workers = max(1, min(workers or available_cpus(), len(todo) or 1))
     log(f"preparing {total} images into {out} ({encoding}, {size}x{size}) with {workers} workers")
     _run_chunks(source, params, out, todo, workers, total, done_items, progress)
     store = _finish(source, params, out, tasks, time.time() - t0, log)
@@ -321,8 +300,6 @@ def prepare_store(
 
 
 def _run_chunks(source, params, out, todo, workers, total, done_items, progress) -> None:
-    from tqdm import tqdm
-
     bar = tqdm(
         total=total,
         initial=done_items,
@@ -382,8 +359,8 @@ def _finish(source, params, out: Path, tasks, elapsed: float, log) -> Store:
                     sum_xxT = sx if sum_xxT is None else sum_xxT + sx
         index = np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)
         lab = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-        _atomic_write(out / split / "index.npy", _npy_bytes(index.astype(np.int64)))
-        _atomic_write(out / split / "labels.npy", _npy_bytes(lab.astype(np.int64)))
+        write_bytes(out / split / "index.npy", _npy_bytes(index.astype(np.int64)))
+        write_bytes(out / split / "labels.npy", _npy_bytes(lab.astype(np.int64)))
         counts[split] = len(lab)
         skipped_counts[split] = len(skipped)
         total_bytes[split] = int(index[:, 2].sum())
@@ -395,14 +372,13 @@ def _finish(source, params, out: Path, tasks, elapsed: float, log) -> Store:
             source.classes[k] for k in range(len(source.classes)) if listed[k] and not present[k]
         ]
     if counts["train"] == 0:
-        raise ValueError(
+        raise BadInput(
             f"every training image of {params['source']} was unreadable "
             f"(see {out / WORK_DIR}); nothing to prepare"
         )
     stats = stats_from_sums(sum_image, sum_xxT, counts["train"])
-    stats.save(out / "stats.npz.tmp.npz")
-    os.replace(out / "stats.npz.tmp.npz", out / "stats.npz")
-    _atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
+    write_bytes(out / "stats.npz", stats.to_bytes())
+    write_bytes(out / "report.json", json.dumps(report, indent=1).encode())
     n_all = sum(counts.values())
     manifest = {
         "format": FORMAT,
@@ -428,7 +404,7 @@ def _finish(source, params, out: Path, tasks, elapsed: float, log) -> Store:
             "description": source.description,
             "listing_sha256": params["listing_sha256"],
             "content_sha256": content,
-            "files_sha256": {Path(f).name: _file_sha256(f) for f in source.files},
+            "files_sha256": {Path(f).name: file_sha256(f) for f in source.files},
         },
         "stats": {
             "images": stats.count,
@@ -443,7 +419,7 @@ def _finish(source, params, out: Path, tasks, elapsed: float, log) -> Store:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # The manifest last, atomically: from here on the store is complete.
-    _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     shutil.rmtree(work, ignore_errors=True)
     n_skip = sum(skipped_counts.values())
     log(
@@ -463,79 +439,3 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
     return buf.getvalue()
-
-
-# --- command line ------------------------------------------------------------------------------
-
-
-def run(args) -> int:
-    if args.src is None:
-        if args.kind not in (None, "fashion-mnist"):
-            raise ValueError(f"--kind {args.kind} needs SRC: alexnet prepare SRC OUT")
-        src, kind = src_mod.FASHION_MNIST_DIR, "fashion-mnist"
-    else:
-        src, kind = args.src, args.kind
-    if args.download:
-        if kind not in (None, "fashion-mnist"):
-            raise ValueError("--download is for --kind fashion-mnist only")
-        if src_mod._idx_file(Path(src), "train-images-idx3-ubyte") is None:
-            src_mod.download_fashion_mnist(Path(src))
-        kind = "fashion-mnist"
-    prepare_store(
-        src,
-        args.out,
-        kind=kind,
-        size=args.size,
-        workers=args.workers,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        encoding=args.encoding,
-        jpeg_quality=args.jpeg_quality,
-        limit=args.limit,
-        chunk_size=args.chunk_size,
-        progress=not args.quiet,
-    )
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser(
-        "prepare",
-        help="prepare an image dataset the paper's way into a fast store",
-        description=(
-            "Read SRC once (ImageNet, an image folder tree, Fashion-MNIST, CIFAR-10) and write "
-            "the store OUT: every image rescaled (shorter side to --size) and centre-cropped as "
-            "in Sec. 2 of the paper, plus the training-set statistics. Re-running a killed "
-            "prepare resumes it. With a single path, it is OUT and SRC is the Fashion-MNIST "
-            f"files in {src_mod.FASHION_MNIST_DIR}."
-        ),
-    )
-    p.add_argument(
-        "src",
-        nargs="?",
-        metavar="SRC",
-        help=f"the source (default: the Fashion-MNIST files in {src_mod.FASHION_MNIST_DIR})",
-    )
-    p.add_argument("out", metavar="OUT", help="the store to write (a new or empty directory)")
-    p.add_argument("--kind", choices=src_mod.KINDS, help="what SRC holds (default: detect it)")
-    p.add_argument("--size", type=int, default=256, help="stored image side (default 256)")
-    p.add_argument("--workers", type=int, help="processes (default: all cores)")
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        help="hold out this fraction of each class as val (default: the source's own val "
-        "split, else 0.1)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction split")
-    p.add_argument(
-        "--encoding",
-        choices=ENCODINGS,
-        default="jpeg",
-        help="record encoding: jpeg (default, ~10x smaller) or raw (uint8 pixels, fastest)",
-    )
-    p.add_argument("--jpeg-quality", type=int, default=DEFAULT_QUALITY, help="default 90")
-    p.add_argument("--limit", type=int, help="at most this many images per split (quick trials)")
-    p.add_argument("--chunk-size", type=int, help="images per shard (default: from the size)")
-    p.add_argument("--download", action="store_true", help="fetch Fashion-MNIST (internet)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import pickle
 import re
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from torchvision.datasets import FashionMNIST
+
+from alexnet.errors import BadInput, NotFound
 
 KINDS = ("imagenet", "folder", "fashion-mnist", "cifar10")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
@@ -110,7 +114,7 @@ def _class_tree(folder: Path, classes: list[str] | None = None) -> tuple[list[st
     else:
         extra = sorted(set(found) - set(classes))
         if extra:
-            raise ValueError(
+            raise BadInput(
                 f"{folder} has class folders that the training split lacks: {', '.join(extra[:5])}"
             )
     refs, labels = [], []
@@ -119,7 +123,7 @@ def _class_tree(folder: Path, classes: list[str] | None = None) -> tuple[list[st
             continue
         files = _image_files(folder / c)
         if not files:
-            raise ValueError(f"class folder {folder / c} is empty: remove it or add its images")
+            raise BadInput(f"class folder {folder / c} is empty: remove it or add its images")
         base = folder.name + "/" + c
         refs += [f"{base}/{f}" for f in files]
         labels += [k] * len(files)
@@ -134,7 +138,7 @@ def split_by_fraction(split: Split, fraction: float, seed: int) -> tuple[Split, 
     """A fixed, stratified split: in each class round(n * fraction) images, chosen by a
     permutation seeded with `seed`, go to val; both parts keep store (listing) order."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"--val-fraction must be between 0 and 1, got {fraction}")
+        raise BadInput(f"--val-fraction must be between 0 and 1, got {fraction}")
     rng = np.random.default_rng(seed)
     is_val = np.zeros(len(split.refs), dtype=bool)
     for c in np.unique(split.labels):
@@ -173,7 +177,7 @@ def folder_source(root: Path, val_fraction: float | None, seed: int) -> Source:
     if layout is None and _subdirs(root):  # --kind folder given: class folders, images deeper
         layout = (root, None)
     if layout is None:
-        raise ValueError(
+        raise BadInput(
             f"{root} is not an image folder tree: expected one folder per class "
             "(<class>/<image>), or train/<class>/ and val/<class>/"
         )
@@ -192,7 +196,7 @@ def folder_source(root: Path, val_fraction: float | None, seed: int) -> Source:
             train, val = split_by_fraction(train, val_fraction or 0.1, seed)
             how = f"train/ split by --val-fraction {val_fraction or 0.1}"
     if not classes:
-        raise ValueError(f"{root} has no class folders")
+        raise BadInput(f"{root} has no class folders")
     desc = f"image folder ({len(classes)} classes; {how})"
     return Source("folder", root, classes, classes, {"train": train, "val": val}, description=desc)
 
@@ -232,12 +236,13 @@ def _devkit(root: Path) -> tuple[list[int] | None, dict[int, tuple[str, str]] | 
     ids = [int(x) for x in gt_text.split()] if gt_text is not None else None
     meta = None
     if meta_bytes is not None:
-        import io
-
         try:
             from scipy.io import loadmat
-        except ImportError:  # scipy comes with scikit-image; the devkit needs it
-            raise ValueError("reading the ImageNet devkit's meta.mat needs scipy") from None
+        except ImportError:  # the [imagenet] extra; scikit-image (the [dev] extra) brings it too
+            raise BadInput(
+                "reading the ImageNet devkit's meta.mat needs scipy: "
+                "pip install 'alexnet[imagenet]'"
+            ) from None
         synsets = loadmat(io.BytesIO(meta_bytes), squeeze_me=True)["synsets"]
         meta = {}
         for s in np.atleast_1d(synsets):
@@ -272,7 +277,7 @@ def _train_tar(root: Path, tar: Path) -> tuple[list[str], Split]:
     refs, labels = [], []
     for k, c in enumerate(classes):
         if not per_class[c]:
-            raise ValueError(f"{rel}: the class tar {c}.tar is empty")
+            raise BadInput(f"{rel}: the class tar {c}.tar is empty")
         members = sorted(per_class[c], key=lambda r: r[3])
         refs += members
         labels += [k] * len(members)
@@ -291,7 +296,7 @@ def _train_class_tars(root: Path, train: Path) -> tuple[list[str], Split]:
             key=lambda r: r[3],
         )
         if not members:
-            raise ValueError(f"the class tar {p} is empty")
+            raise BadInput(f"the class tar {p} is empty")
         refs += members
         labels += [k] * len(members)
     return classes, Split(refs, np.asarray(labels, dtype=np.int64))
@@ -317,7 +322,7 @@ def imagenet_source(root: Path, val_fraction: float | None, seed: int) -> Source
         classes, train = _class_tree(train_dir)
         if not all(WNID.match(c) for c in classes):
             bad = [c for c in classes if not WNID.match(c)][:3]
-            raise ValueError(f"{train_dir} has folders that are not WordNet ids: {bad}")
+            raise BadInput(f"{train_dir} has folders that are not WordNet ids: {bad}")
         notes.append(f"train/: {len(classes)} class folders")
     elif train_dir.is_dir() and any(
         p.suffix == ".tar" and WNID.match(p.stem) for p in train_dir.iterdir()
@@ -328,7 +333,7 @@ def imagenet_source(root: Path, val_fraction: float | None, seed: int) -> Source
         classes, train = _train_tar(root, train_tar)
         notes.append(f"{train_tar.name}: {len(classes)} per-class tars")
     else:
-        raise ValueError(
+        raise BadInput(
             f"{root} does not look like ImageNet: expected train/ with one nXXXXXXXX folder per "
             "class (or per-class tars), or ILSVRC2012_img_train.tar"
         )
@@ -358,7 +363,7 @@ def imagenet_source(root: Path, val_fraction: float | None, seed: int) -> Source
             where = val_tar.name
         if names and val_fraction is None:
             if ids is None or meta is None:
-                raise ValueError(
+                raise BadInput(
                     f"{where} is a flat folder of validation images: its labels need the devkit "
                     f"({IMAGENET_GT} and meta.mat, or ILSVRC2012_devkit_t12.tar.gz) under {root}"
                 )
@@ -366,10 +371,10 @@ def imagenet_source(root: Path, val_fraction: float | None, seed: int) -> Source
             for name in names:
                 num = _val_number(name)
                 if num is None or not 1 <= num <= len(ids):
-                    raise ValueError(f"{where}{name}: not an ILSVRC2012_val_NNNNNNNN image name")
+                    raise BadInput(f"{where}{name}: not an ILSVRC2012_val_NNNNNNNN image name")
                 wnid = meta[ids[num - 1]][0]
                 if wnid not in index:
-                    raise ValueError(f"{where}{name}: its class {wnid} is not among train/'s")
+                    raise BadInput(f"{where}{name}: its class {wnid} is not among train/'s")
                 labels.append(index[wnid])
             val = Split(refs, np.asarray(labels, dtype=np.int64))
             notes.append(f"{where}: {len(names)} flat images labelled by the devkit")
@@ -385,7 +390,7 @@ def imagenet_source(root: Path, val_fraction: float | None, seed: int) -> Source
 # --- Fashion-MNIST -----------------------------------------------------------------------------
 
 
-def _idx_file(root: Path, stem: str) -> Path | None:
+def idx_file(root: Path, stem: str) -> Path | None:
     for d in (root, root / "raw", root / "FashionMNIST" / "raw"):
         for name in (stem + ".gz", stem):
             if (d / name).is_file():
@@ -399,14 +404,14 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4:
-        raise ValueError(f"{path}: not an IDX file")
+        raise BadInput(f"{path}: not an IDX file")
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+        raise BadInput(f"{path}: not an unsigned-byte IDX file")
     shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: truncated IDX file")
+        raise BadInput(f"{path}: truncated IDX file")
     return body.reshape(shape)
 
 
@@ -417,15 +422,15 @@ def fashion_mnist_source(root: Path) -> Source:
     }
     arrays, splits, files = {}, {}, []
     for split, (img_stem, lab_stem) in stems.items():
-        ip, lp = _idx_file(root, img_stem), _idx_file(root, lab_stem)
+        ip, lp = idx_file(root, img_stem), idx_file(root, lab_stem)
         if ip is None or lp is None:
-            raise ValueError(
+            raise BadInput(
                 f"{root} does not hold the Fashion-MNIST IDX files ({img_stem}.gz, "
                 f"{lab_stem}.gz, ...): install Debian's dataset-fashion-mnist or pass --download"
             )
         images, labels = read_idx(ip), read_idx(lp).astype(np.int64)
         if images.ndim != 3 or len(images) != len(labels):
-            raise ValueError(f"{ip}: expected N x 28 x 28 images matching {lp.name}")
+            raise BadInput(f"{ip}: expected N x 28 x 28 images matching {lp.name}")
         arrays[split] = images
         splits[split] = Split([(split, i) for i in range(len(images))], labels)
         files += [str(ip), str(lp)]
@@ -446,8 +451,6 @@ def fashion_mnist_source(root: Path) -> Source:
 
 def download_fashion_mnist(root: Path) -> None:
     """torchvision's downloader (needs the internet); files land in root/FashionMNIST/raw."""
-    from torchvision.datasets import FashionMNIST
-
     for train in (True, False):
         FashionMNIST(str(root), train=train, download=True)
 
@@ -455,49 +458,109 @@ def download_fashion_mnist(root: Path) -> None:
 # --- CIFAR-10 ----------------------------------------------------------------------------------
 
 
-def _cifar_dir(root: Path) -> Path | None:
+def cifar10_dir(root: str | Path) -> Path | None:
+    """The folder holding the CIFAR-10 python batches: root or root/cifar-10-batches-py."""
+    root = Path(root)
     for d in (root, root / "cifar-10-batches-py"):
-        if (d / "data_batch_1").is_file() and (d / "test_batch").is_file():
+        if (d / "data_batch_1").is_file():
             return d
     return None
 
 
-def cifar10_source(root: Path) -> Source:
-    d = _cifar_dir(root)
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 python batch holds: dicts, lists, bytes, str, ints and
+    numpy arrays (numpy's array reconstruction, ndarray, dtype). Any other global, the only way
+    a pickle runs code, is refused."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes pickled by Python 3 with protocol 2
+    }  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        if module.startswith("numpy.core."):  # numpy 2 keeps these in numpy._core
+            module = "numpy._core." + module[len("numpy.core.") :]
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str | Path, keys: tuple[bytes, ...] = (b"data", b"labels")) -> dict:
+    """One pickled CIFAR-10 file (a data batch, or batches.meta with keys=(b"label_names",)),
+    read without running any code; BadInput "not a CIFAR-10 batch: ..." for anything else."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            obj = _BatchUnpickler(f, encoding="bytes").load()
+    except OSError:
+        raise
+    except Exception as e:  # refused globals, truncation, garbage
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInput(f"{path}: not a CIFAR-10 batch: {why}") from None
+    if not isinstance(obj, dict):
+        raise BadInput(f"{path}: not a CIFAR-10 batch: a pickled {type(obj).__name__}, not a dict")
+    missing = [k.decode() for k in keys if k not in obj]
+    if missing:
+        raise BadInput(f"{path}: not a CIFAR-10 batch: no {', '.join(missing)}")
+    if b"data" in keys:
+        data, labels = obj[b"data"], obj[b"labels"]
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+            raise BadInput(f"{path}: not a CIFAR-10 batch: data is not a 2-D uint8 array")
+        if data.shape[1] != 3072:
+            raise BadInput(f"{path}: not a CIFAR-10 batch: rows of {data.shape[1]}, not 3072")
+        if not isinstance(labels, list) or len(labels) != len(data):
+            raise BadInput(f"{path}: not a CIFAR-10 batch: {len(data)} images, labels do not match")
+        if not all(isinstance(v, int) and 0 <= v < 10 for v in labels):
+            raise BadInput(f"{path}: not a CIFAR-10 batch: labels outside 0..9")
+    if b"label_names" in keys:
+        names = obj[b"label_names"]
+        if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names):
+            raise BadInput(f"{path}: not a CIFAR-10 batches.meta: label_names is not a list")
+    return obj
+
+
+CIFAR_SPLITS = {"train": [f"data_batch_{k}" for k in range(1, 6)], "val": ["test_batch"]}
+
+
+def load_cifar10(root: str | Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10's training (data_batch_1..5) or test (test_batch) images as uint8
+    (N, 3, 32, 32) and int64 labels, from the python batches (read by read_cifar_batch)."""
+    d = cifar10_dir(root)
     if d is None:
-        raise ValueError(
+        raise NotFound(
+            f"{root}: no CIFAR-10 python batches (data_batch_1..5, test_batch, batches.meta, "
+            "as in cifar-10-python.tar.gz)"
+        )
+    images, labels = [], []
+    for name in CIFAR_SPLITS[split]:
+        if not (d / name).is_file():
+            raise NotFound(f"{d}: the CIFAR-10 batch {name} is missing")
+        b = read_cifar_batch(d / name)
+        # Each row: 1024 red, then 1024 green, then 1024 blue values, row-major 32x32.
+        images.append(b[b"data"].reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(b[b"labels"], dtype=np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def cifar10_source(root: Path) -> Source:
+    d = cifar10_dir(root)
+    if d is None or not (d / "test_batch").is_file():
+        raise BadInput(
             f"{root} does not hold the CIFAR-10 python batches (data_batch_1..5, test_batch, "
             "batches.meta, as in cifar-10-python.tar.gz)"
         )
-
-    def load(name):
-        try:
-            with open(d / name, "rb") as f:
-                return pickle.load(f, encoding="bytes")
-        except Exception as e:
-            raise ValueError(f"{d / name}: not a CIFAR-10 python batch ({e})") from None
-
     arrays, splits, files = {}, {}, []
-    for split, names in (
-        ("train", [f"data_batch_{k}" for k in range(1, 6)]),
-        ("val", ["test_batch"]),
-    ):
-        imgs, labs = [], []
-        for name in names:
-            if not (d / name).is_file():
-                raise ValueError(f"{d} lacks the CIFAR-10 batch {name}")
-            b = load(name)
-            data = np.asarray(b[b"data"], dtype=np.uint8)
-            # The python batches hold each image as 1024 R, then G, then B values, row-major 32x32
-            imgs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labs.append(np.asarray(b[b"labels"], dtype=np.int64))
-            files.append(str(d / name))
-        arrays[split] = np.ascontiguousarray(np.concatenate(imgs))
-        labels = np.concatenate(labs)
+    for split, names in CIFAR_SPLITS.items():
+        images, labels = load_cifar10(d, split)
+        arrays[split] = np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
         splits[split] = Split([(split, i) for i in range(len(labels))], labels)
+        files += [str(d / name) for name in names]
     names = [f"class{k}" for k in range(10)]
     if (d / "batches.meta").is_file():
-        names = [n.decode() for n in load("batches.meta")[b"label_names"]]
+        meta = read_cifar_batch(d / "batches.meta", keys=(b"label_names",))
+        names = [n.decode() if isinstance(n, bytes) else n for n in meta[b"label_names"]]
     desc = f"CIFAR-10 python batches ({len(splits['train'].refs)} train, "
     desc += f"{len(splits['val'].refs)} test used as val)"
     return Source(
@@ -509,9 +572,9 @@ def cifar10_source(root: Path) -> Source:
 
 
 def detect_kind(root: Path) -> str:
-    if _idx_file(root, "train-images-idx3-ubyte") is not None:
+    if idx_file(root, "train-images-idx3-ubyte") is not None:
         return "fashion-mnist"
-    if _cifar_dir(root) is not None:
+    if cifar10_dir(root) is not None and (cifar10_dir(root) / "test_batch").is_file():
         return "cifar10"
     train = root / "train"
     if (root / "ILSVRC2012_img_train.tar").is_file() or (
@@ -520,7 +583,7 @@ def detect_kind(root: Path) -> str:
         return "imagenet"
     if _folder_layout(root) is not None:
         return "folder"
-    raise ValueError(
+    raise BadInput(
         f"cannot tell what {root} holds: expected ImageNet (train/<wnid>/), an image folder tree "
         "(<class>/<image>), the Fashion-MNIST IDX files or the CIFAR-10 python batches; "
         "pass --kind"
@@ -532,9 +595,9 @@ def open_source(
 ) -> Source:
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f"source {root} does not exist")
+        raise NotFound(f"source {root} does not exist")
     if not root.is_dir():
-        raise ValueError(f"source {root} is not a directory")
+        raise BadInput(f"source {root} is not a directory")
     if kind is None:
         kind = detect_kind(root)
     if kind == "imagenet":
@@ -545,4 +608,4 @@ def open_source(
         return fashion_mnist_source(root)
     if kind == "cifar10":
         return cifar10_source(root)
-    raise ValueError(f"unknown --kind {kind!r}; valid: {', '.join(KINDS)}")
+    raise BadInput(f"unknown --kind {kind!r}; valid: {', '.join(KINDS)}")

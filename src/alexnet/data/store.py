@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
+from alexnet.errors import BadInput, NotFound
 
 try:
     # libjpeg-turbo through torchvision's image extension: ~30% faster than Pillow's decoder on
@@ -57,14 +60,12 @@ def decode_record(buf: bytes | np.ndarray, encoding: str, channels: int, size: i
         return np.frombuffer(buf, dtype=np.uint8).reshape(channels, size, size)
     if encoding == "jpeg":
         if _decode_jpeg_op is None:
-            from PIL import Image
-
             img = Image.open(io.BytesIO(buf)).convert("L" if channels == 1 else "RGB")
             a = np.asarray(img)
             return a[None] if channels == 1 else np.ascontiguousarray(a.transpose(2, 0, 1))
         data = torch.frombuffer(bytearray(buf), dtype=torch.uint8)
         return _decode_jpeg_op(data, _GRAY if channels == 1 else _RGB, False).numpy()
-    raise ValueError(f"unknown record encoding {encoding!r}")
+    raise BadInput(f"unknown record encoding {encoding!r}")
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,11 @@ class Stats:
                 count=int(z["count"]),
             )
 
-    def save(self, path: str | os.PathLike) -> None:
+    def to_bytes(self) -> bytes:
+        """The stats.npz file's content."""
+        buf = io.BytesIO()
         np.savez(
-            path,
+            buf,
             mean_image=self.mean_image,
             channel_mean=self.channel_mean,
             channel_std=self.channel_std,
@@ -103,6 +106,7 @@ class Stats:
             eigvec=self.eigvec,
             count=np.int64(self.count),
         )
+        return buf.getvalue()
 
 
 def stats_from_sums(sum_image: np.ndarray, sum_xxT: np.ndarray, count: int) -> Stats:
@@ -114,7 +118,7 @@ def stats_from_sums(sum_image: np.ndarray, sum_xxT: np.ndarray, count: int) -> S
     A grey store (C = 1) has R = G = B: its statistics are those of the replicated picture.
     """
     if count == 0:
-        raise ValueError("no training images: cannot compute the statistics")
+        raise BadInput("no training images: cannot compute the statistics")
     sum_image = np.asarray(sum_image, dtype=np.float64)
     sum_xxT = np.asarray(sum_xxT, dtype=np.float64)
     if sum_image.shape[0] == 1:
@@ -202,7 +206,7 @@ class Store:
 
     def _check_split(self, split: str) -> None:
         if split not in self.splits:
-            raise ValueError(f"store {self.path} has no split {split!r} (it has {self.splits})")
+            raise BadInput(f"store {self.path} has no split {split!r} (it has {self.splits})")
 
     def size(self, split: str) -> int:
         self._check_split(split)
@@ -241,7 +245,7 @@ class Store:
             fd = self._fds.get(str(self.path / split / shard_name(shard)))
             buf = os.pread(fd, length, offset)
             if len(buf) != length:
-                raise ValueError(
+                raise BadInput(
                     f"store {self.path}: {split} shard {shard} is shorter than its index"
                 )
             out.append(buf)
@@ -268,35 +272,35 @@ def open_store(path: str | os.PathLike) -> Store:
     """Open a complete store; FileNotFoundError / ValueError with the reason otherwise."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"no store at {p}")
+        raise NotFound(f"no store at {p}")
     if not p.is_dir():
-        raise ValueError(f"{p} is not a store (a store is a directory made by `alexnet prepare`)")
+        raise BadInput(f"{p} is not a store (a store is a directory made by `alexnet prepare`)")
     mpath = p / MANIFEST
     if not mpath.exists():
         if (p / WORK_DIR).exists():
-            raise ValueError(
+            raise BadInput(
                 f"{p} is an incomplete store (an interrupted `alexnet prepare`): run the same "
                 "prepare command again to finish it"
             )
-        raise ValueError(
+        raise BadInput(
             f"{p} is not a store: it has no {MANIFEST} (make one with `alexnet prepare`)"
         )
     try:
         manifest = json.loads(mpath.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{mpath} is not a readable store manifest ({e})") from None
+        raise BadInput(f"{mpath} is not a readable store manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{p} is not a store: {MANIFEST} is not an {FORMAT} manifest")
+        raise BadInput(f"{p} is not a store: {MANIFEST} is not an {FORMAT} manifest")
     version = manifest.get("version")
     if version != VERSION:
-        raise ValueError(
+        raise BadInput(
             f"{p} has store format version {version}; this alexnet reads version {VERSION}: "
             "prepare the store again with this version"
         )
     for split in manifest["splits"]:
         for name in ("index.npy", "labels.npy"):
             if not (p / split / name).exists():
-                raise ValueError(f"store {p} is damaged: {split}/{name} is missing")
+                raise BadInput(f"store {p} is damaged: {split}/{name} is missing")
     if not (p / "stats.npz").exists():
-        raise ValueError(f"store {p} is damaged: stats.npz is missing")
+        raise BadInput(f"store {p} is damaged: stats.npz is missing")
     return Store(p, manifest)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from alexnet.config import DataConfig
+from alexnet.data.images import paper_image
+from alexnet.errors import BadInput, NotFound
 
 MEAN_MODES = ("image", "center", "channel", "channel-std")
 LIGHTING_MODES = ("paper", "cuda-convnet")
@@ -73,9 +75,7 @@ def pca_lighting(image: torch.Tensor, eigval, eigvec, std: float = 0.1, generato
     afresh on every call, one draw per image. `image` is float (3, H, W) or (N, 3, H, W);
     eigvec holds the eigenvectors p_i as columns. Returns a new tensor."""
     if image.dim() not in (3, 4) or image.shape[-3] != 3:
-        raise ValueError(
-            f"pca_lighting expects (3, H, W) or (N, 3, H, W), got {tuple(image.shape)}"
-        )
+        raise BadInput(f"pca_lighting expects (3, H, W) or (N, 3, H, W), got {tuple(image.shape)}")
     batch = image if image.dim() == 4 else image[None]
     lam = torch.as_tensor(np.asarray(eigval, dtype=np.float64), dtype=torch.float64)
     vec = torch.as_tensor(np.asarray(eigvec, dtype=np.float64), dtype=torch.float64)
@@ -98,12 +98,12 @@ def ten_crop(image: torch.Tensor, size: int = 224) -> torch.Tensor:
     cuda-convnet's multiview test). Note torchvision's ten_crop differs: its reflected views
     are crops of the reflected image, so its view 5 is the mirror of the top-right corner."""
     if image.dim() != 3:
-        raise ValueError(f"ten_crop expects (C, H, W), got {tuple(image.shape)}")
+        raise BadInput(f"ten_crop expects (C, H, W), got {tuple(image.shape)}")
     h, w = image.shape[-2:]
     if h != w:
-        raise ValueError(f"ten_crop expects a square image, got {h}x{w}")
+        raise BadInput(f"ten_crop expects a square image, got {h}x{w}")
     if size > h:
-        raise ValueError(f"crop {size} is larger than the image ({h})")
+        raise BadInput(f"crop {size} is larger than the image ({h})")
     five = [image[:, y : y + size, x : x + size] for y, x in five_positions(h, size)]
     return torch.stack(five + [v.flip(-1) for v in five])
 
@@ -122,7 +122,7 @@ def lighting_basis(stats, mode: str = "paper") -> tuple[np.ndarray, np.ndarray]:
         return eigval / 255.0, np.asarray(stats.eigvec, dtype=np.float64)
     if mode == "cuda-convnet":
         return np.sqrt(np.clip(eigval, 0, None)), np.asarray(stats.eigvec, dtype=np.float64)
-    raise ValueError(f"unknown lighting {mode!r}; valid: {', '.join(LIGHTING_MODES)}")
+    raise BadInput(f"unknown lighting {mode!r}; valid: {', '.join(LIGHTING_MODES)}")
 
 
 # --- the views of a batch ----------------------------------------------------------------------
@@ -148,11 +148,11 @@ class ViewSpec:
     @classmethod
     def build(cls, data: DataConfig, stats, size: int, lighting: bool = True) -> ViewSpec:
         if data.mean not in MEAN_MODES:
-            raise ValueError(f"unknown DataConfig.mean {data.mean!r}; valid: {MEAN_MODES}")
+            raise BadInput(f"unknown DataConfig.mean {data.mean!r}; valid: {MEAN_MODES}")
         if data.crop_size > size:
-            raise ValueError(f"crop {data.crop_size} is larger than the stored images ({size})")
+            raise BadInput(f"crop {data.crop_size} is larger than the stored images ({size})")
         if data.image_size != size:
-            raise ValueError(
+            raise BadInput(
                 f"the store holds {size}x{size} images but the profile expects "
                 f"{data.image_size}x{data.image_size} (DataConfig.image_size)"
             )
@@ -315,7 +315,7 @@ class ViewSpec:
         if views == 10:
             five = five_positions(s, c)
             return five + five, [False] * 5 + [True] * 5
-        raise ValueError(f"views must be 1 (centre crop) or 10 (Sec. 4.1's ten views), got {views}")
+        raise BadInput(f"views must be 1 (centre crop) or 10 (Sec. 4.1's ten views), got {views}")
 
 
 # --- prediction --------------------------------------------------------------------------------
@@ -325,12 +325,10 @@ def preprocess(image, data: DataConfig, stats, views: int = 1) -> torch.Tensor:
     """A PIL image or an image file, prepared exactly as the store's images (Sec. 2: EXIF
     orientation, RGB, shorter side to S, central S x S), then the evaluation view(s) with the
     mean subtracted: (3, c, c) for views=1, (10, 3, c, c) for views=10."""
-    from alexnet.data.images import paper_image
-
     if isinstance(image, str | Path):
         p = Path(image)
         if not p.exists():
-            raise FileNotFoundError(f"no image file {p}")
+            raise NotFound(f"no image file {p}")
     pic = paper_image(image, data.image_size)  # UnreadableImage (a ValueError) names the file
     spec = ViewSpec.build(data, stats, data.image_size, lighting=False)
     planar = np.ascontiguousarray(pic.transpose(2, 0, 1))

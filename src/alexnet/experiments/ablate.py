@@ -31,7 +31,6 @@ model.safetensors too except for the seed-0 baseline's (--keep-weights keeps all
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -42,17 +41,15 @@ from typing import Any
 
 import numpy as np
 
-from alexnet.experiments.common import (
-    markdown_table,
-    read_json,
-    read_step_losses,
-    save_figure,
-    train_or_resume,
-    write_json,
-    write_text,
-)
-
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+from alexnet.config import apply_overrides, get_profile
+from alexnet.data import make_eval_loader, open_store, prepare_store
+from alexnet.data.sources import FASHION_MNIST_DIR
+from alexnet.errors import BadInput
+from alexnet.evaluate import evaluate_model
+from alexnet.experiments.common import markdown_table, progress, read_step_losses, train_or_resume
+from alexnet.fileio import read_json, write_json, write_text
+from alexnet.plots import plt, save_figure
+from alexnet.train import RunConfig
 
 
 @dataclass(frozen=True)
@@ -141,7 +138,7 @@ def parse_only(text: str | None) -> tuple[str, ...]:
         elif k in BY_KEY:
             keys.append(k)
         else:
-            raise ValueError(
+            raise BadInput(
                 f"--only {k!r}: valid rows are {', '.join(v.key for v in VARIANTS[1:])} "
                 "(and conv = conv3,conv4,conv5)"
             )
@@ -150,18 +147,11 @@ def parse_only(text: str | None) -> tuple[str, ...]:
 
 def default_store(out: str | Path, limit: int | None = None) -> Path:
     """Prepare Fashion-MNIST (the embedded dataset) into OUT, through `alexnet prepare`."""
-    from alexnet.cli import main as cli
-
     name = "store-fashion-mnist" + (f"-{limit}" if limit else "")
     store = Path(out) / name
     if not (store / "manifest.json").exists():
-        argv = ["prepare", str(FASHION_MNIST), str(store), "--kind", "fashion-mnist"]
-        if limit:
-            argv += ["--limit", str(limit)]
-        print(f"==> alexnet {' '.join(argv)}", file=sys.stderr, flush=True)
-        rc = cli(argv)
-        if rc:
-            raise ValueError(f"preparing Fashion-MNIST into {store} failed (exit {rc})")
+        print(f"==> preparing Fashion-MNIST into {store}", file=sys.stderr, flush=True)
+        prepare_store(FASHION_MNIST_DIR, store, kind="fashion-mnist", limit=limit)
     return store
 
 
@@ -169,9 +159,6 @@ def variant_profile(cfg: AblateConfig, variant: Variant, n_train: int | None = N
     """The base recipe with the paper's choices (PAPER_CHOICES), --set, --batch-size and the
     row's override; given the store's
     training-set size, its schedule fitted to the budget (`fit_schedule`)."""
-    from alexnet.config import get_profile
-    from alexnet.train import apply_overrides
-
     sets = [*PAPER_CHOICES, *cfg.sets]
     if cfg.batch_size:
         sets.append(f"train.batch_size={cfg.batch_size}")
@@ -187,7 +174,7 @@ def fit_schedule(profile, steps: int, n_train: int):
     b = profile.train.batch_size
     per_epoch = n_train // b
     if per_epoch < 1:
-        raise ValueError(f"the training split has {n_train} images, fewer than a batch of {b}")
+        raise BadInput(f"the training split has {n_train} images, fewer than a batch of {b}")
     if steps <= per_epoch:
         train = dataclasses.replace(profile.train, epochs=1, epoch_images=steps * b)
     else:
@@ -219,9 +206,6 @@ def run_spec(
 def _evaluate(trainer, split: str, limit: int, batch_size: int = 32) -> dict[str, Any]:
     """Top-1/top-5 error of the trained net on `limit` images spread over `split` (centre view,
     Sec. 4.1, the store's statistics), through the evaluation loader and evaluate_model."""
-    from alexnet.data import make_eval_loader
-    from alexnet.evaluate import evaluate_model
-
     loader = make_eval_loader(
         trainer.store, trainer.profile.data, batch_size, split=split, workers=0,
         device=trainer.device, limit=limit,
@@ -231,9 +215,6 @@ def _evaluate(trainer, split: str, limit: int, batch_size: int = 32) -> dict[str
 
 def train_one(cfg: AblateConfig, variant: Variant, seed: int, store: Path) -> dict[str, Any]:
     """Train (or resume, or reuse) one run; returns its result (also in result.json)."""
-    from alexnet.data import open_store
-    from alexnet.train import RunConfig
-
     folder = Path(cfg.out) / "runs" / f"{variant.key}-seed{seed}"
     profile = variant_profile(cfg, variant, open_store(store).size("train"))
     spec = run_spec(cfg, variant, seed, store, profile)
@@ -287,23 +268,19 @@ def train_one(cfg: AblateConfig, variant: Variant, seed: int, store: Path) -> di
 
 def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
     """Runs (or resumes) every row, writes OUT/ablate.{json,md,png}; returns the JSON."""
-    from alexnet.experiments.common import progress
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     store = Path(cfg.data) if cfg.data else default_store(cfg.out, cfg.store_limit)
-    from alexnet.data import open_store
-
     st = open_store(store)
     if "val" not in st.splits:
-        raise ValueError(f"{store}: the store has no 'val' split to measure the error on")
+        raise BadInput(f"{store}: the store has no 'val' split to measure the error on")
     keys = ["baseline", *[k for k in (cfg.only or [v.key for v in VARIANTS[1:]])]]
     variants = [BY_KEY[k] for k in keys]
     for v in variants:  # fail on a bad override before any training
         variant_profile(cfg, v, st.size("train"))
     seeds = list(range(cfg.seeds))
     if not seeds:
-        raise ValueError("--seeds must be at least 1")
+        raise BadInput("--seeds must be at least 1")
     results: dict[str, list[dict[str, Any]]] = {v.key: [] for v in variants}
     bar = progress(len(variants) * len(seeds), "ablate", unit="run")
     for seed in seeds:  # seed-major: a stopped ablation has every row for its first seeds
@@ -465,11 +442,6 @@ def ablate_markdown(summary: dict[str, Any]) -> str:
 
 
 def plot_ablate(summary: dict[str, Any], path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in summary["rows"] if r["key"] != "baseline"]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     x = np.arange(len(rows))
@@ -509,92 +481,3 @@ def plot_ablate(summary: dict[str, Any], path: str | Path) -> Path:
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-# --- the command -----------------------------------------------------------------------------
-def config_from_args(args) -> AblateConfig:
-    base = QUICK if args.quick else FULL
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]  # noqa: E731
-    return AblateConfig(
-        out=args.out,
-        data=args.data,
-        profile=args.profile,
-        seeds=pick("seeds"),
-        steps=pick("steps"),
-        batch_size=pick("batch_size"),
-        val_limit=pick("val_limit"),
-        store_limit=pick("store_limit"),
-        only=parse_only(args.only),
-        sets=tuple(args.set),
-        device=args.device,
-        workers=args.workers,
-        keep_weights=args.keep_weights,
-        quick=args.quick,
-        fast=not args.no_fast,
-    )
-
-
-def cmd_ablate(args) -> int:
-    cfg = config_from_args(args)
-    try:
-        summary = run_ablate(cfg)
-    except KeyboardInterrupt:
-        print(
-            "interrupted: finished runs are kept; run the same command again to resume",
-            file=sys.stderr,
-        )
-        return 130
-    print(ablate_markdown(summary))
-    print(f"wrote {Path(cfg.out) / 'ablate.md'}, ablate.json, ablate.png", file=sys.stderr)
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser(
-        "ablate",
-        help="the paper's ablations (LRN, pooling, PCA lighting, dropout, towers, conv3-5)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--data", metavar="STORE", help="a prepared store (default: prepare Fashion-MNIST into OUT)"
-    )
-    p.add_argument("--out", default="runs/ablate", help="output folder (default runs/ablate)")
-    p.add_argument("--profile", default="demo", help="the base recipe (default demo)")
-    p.add_argument("--quick", action="store_true", help=f"minutes on a 2-core CPU: {QUICK}")
-    p.add_argument("--seeds", type=int, help=f"seeds per row (full {FULL['seeds']})")
-    p.add_argument("--steps", type=int, help=f"training steps per run (full {FULL['steps']})")
-    p.add_argument("--batch-size", type=int, help="batch size (default 64, quick and full)")
-    p.add_argument(
-        "--val-limit",
-        type=int,
-        help=f"validation (and training-error) images (full {FULL['val_limit']})",
-    )
-    p.add_argument(
-        "--store-limit",
-        type=int,
-        help="images per split when preparing Fashion-MNIST (quick 2000; full: all)",
-    )
-    p.add_argument(
-        "--only",
-        metavar="ROW,ROW",
-        help="rows besides the baseline: "
-        + ",".join(v.key for v in VARIANTS[1:])
-        + " (conv = conv3,conv4,conv5)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="an override for every run (as alexnet train --set)",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, help="loader worker processes")
-    p.add_argument(
-        "--keep-weights",
-        action="store_true",
-        help="keep every run's model.safetensors (240 MB each)",
-    )
-    p.add_argument("--no-fast", action="store_true", help="float32, default memory format")
-    p.set_defaults(func=cmd_ablate)

@@ -43,11 +43,7 @@ interrupted figure1 resumes where it stopped and a rerun only redraws the figure
 
 from __future__ import annotations
 
-import argparse
-import gzip
 import math
-import pickle
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,16 +54,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet.experiments.common import (
-    markdown_table,
-    progress,
-    read_json,
-    save_figure,
-    write_json,
-    write_text,
-)
+from alexnet.data.sources import FASHION_MNIST_DIR, idx_file, load_cifar10, read_idx
+from alexnet.errors import BadInput, NotFound
+from alexnet.experiments.common import markdown_table, progress
+from alexnet.fileio import read_json, write_json, write_text
+from alexnet.plots import plt, save_figure
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 ACTIVATIONS = ("relu", "tanh")
 PAPER_RATIO = 6.0  # Figure 1: ReLU reaches 25% training error six times faster on CIFAR-10
 PAPER_THRESHOLD = 0.25  # Figure 1: "reaches a 25% training error rate"
@@ -80,71 +72,23 @@ FULL = dict(epochs=40, seeds=3, train_images=None, points_per_epoch=5)
 
 
 # --- data ------------------------------------------------------------------------------------
-def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file (gzipped or not) as a uint8 array (the MNIST/Fashion-MNIST format)."""
-    path = Path(path)
-    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: truncated IDX file")
-    return body.reshape(shape)
-
-
-def _idx(root: Path, stem: str) -> Path:
-    for name in (stem + ".gz", stem):
-        if (root / name).is_file():
-            return root / name
-    raise FileNotFoundError(
-        f"{root}: no Fashion-MNIST file {stem}(.gz); install Debian's dataset-fashion-mnist "
-        "or give CIFAR-10 with --data"
-    )
-
-
-def load_fashion_mnist(root: str | Path = FASHION_MNIST) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
     """The 60,000 training images, zero-padded from 28x28 to 32x32: uint8 (N, 1, 32, 32)."""
     root = Path(root)
-    images = read_idx(_idx(root, "train-images-idx3-ubyte"))
-    labels = read_idx(_idx(root, "train-labels-idx1-ubyte")).astype(np.int64)
+    paths = [
+        idx_file(root, stem) for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+    ]
+    if None in paths:
+        raise NotFound(
+            f"{root}: no Fashion-MNIST IDX files; install Debian's dataset-fashion-mnist or give "
+            "CIFAR-10 with --data"
+        )
+    images, labels = read_idx(paths[0]), read_idx(paths[1]).astype(np.int64)
     if images.ndim != 3 or len(images) != len(labels):
-        raise ValueError(f"{root}: the training images and labels do not match")
+        raise BadInput(f"{root}: the training images and labels do not match")
     # Pad to the CIFAR-10 size so that one net serves both datasets (as LeNet padded MNIST).
     images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[:, None]
     return images, labels
-
-
-def cifar10_dir(root: str | Path) -> Path | None:
-    root = Path(root)
-    for d in (root, root / "cifar-10-batches-py"):
-        if (d / "data_batch_1").is_file():
-            return d
-    return None
-
-
-def load_cifar10(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The 50,000 CIFAR-10 training images from the python batches: uint8 (N, 3, 32, 32)."""
-    d = cifar10_dir(root)
-    if d is None:
-        raise FileNotFoundError(
-            f"{root}: no CIFAR-10 python batches (data_batch_1..5, from cifar-10-python.tar.gz)"
-        )
-    images, labels = [], []
-    for k in range(1, 6):
-        path = d / f"data_batch_{k}"
-        if not path.is_file():
-            raise FileNotFoundError(f"{d}: the CIFAR-10 batch data_batch_{k} is missing")
-        try:
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")  # the format CIFAR-10 ships in
-            # Each row: 1024 red, then 1024 green, then 1024 blue values, row-major 32x32.
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
-        except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
-            raise ValueError(f"{path}: not a CIFAR-10 python batch ({e})") from None
-    return np.concatenate(images), np.concatenate(labels)
 
 
 def normalise(images: np.ndarray) -> torch.Tensor:
@@ -166,7 +110,7 @@ class FourLayerNet(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 10, activation: str = "relu"):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation {activation!r} is not one of {list(ACTIVATIONS)}")
+            raise BadInput(f"activation {activation!r} is not one of {list(ACTIVATIONS)}")
         self.activation = activation
         self.conv1 = nn.Conv2d(in_channels, 32, 5, padding=2)
         self.conv2 = nn.Conv2d(32, 32, 5, padding=2)
@@ -219,7 +163,7 @@ def train_run(
     n = len(y)
     steps_per_epoch = n // spec.batch_size
     if steps_per_epoch < spec.points_per_epoch:
-        raise ValueError(
+        raise BadInput(
             f"{n} training images make {steps_per_epoch} batches of {spec.batch_size} per epoch, "
             f"fewer than --points-per-epoch {spec.points_per_epoch}"
         )
@@ -308,7 +252,7 @@ def _score(run: dict[str, Any], threshold: float) -> tuple[float, float]:
 class Figure1Config:
     out: str = "runs/figure1"
     data: str | None = None  # CIFAR-10 python batches; None: Fashion-MNIST
-    fashion_mnist: str = str(FASHION_MNIST)
+    fashion_mnist: str = FASHION_MNIST_DIR
     seeds: int = 3
     epochs: int = 40
     threshold: float = PAPER_THRESHOLD
@@ -336,14 +280,14 @@ def run_figure1(cfg: Figure1Config) -> dict[str, Any]:
     dataset, title, images, labels = load_dataset(cfg)
     if cfg.train_images is not None:
         if cfg.train_images < cfg.batch_size:
-            raise ValueError(f"--train-images {cfg.train_images} is below one batch")
+            raise BadInput(f"--train-images {cfg.train_images} is below one batch")
         # A fixed class-balanced-in-expectation subset: the first N of one seeded permutation.
         pick = np.random.default_rng(0).permutation(len(labels))[: cfg.train_images]
         images, labels = images[np.sort(pick)], labels[np.sort(pick)]
     x, y = normalise(images), torch.from_numpy(labels)
     seeds = list(range(cfg.seeds))
     if not seeds:
-        raise ValueError("--seeds must be at least 1")
+        raise BadInput("--seeds must be at least 1")
 
     def spec(act: str, lr: float, seed: int) -> RunSpec:
         return RunSpec(
@@ -499,11 +443,6 @@ def _band(curve: dict[str, Any], key: str = "train_error"):
 
 
 def plot_figure1(result: dict[str, Any], path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (ax_e, ax_s) = plt.subplots(1, 2, figsize=(12, 4.6))
     th = result["threshold"]
     for act, style in (("relu", "-"), ("tanh", "--")):  # Figure 1: ReLU solid, tanh dashed
@@ -614,101 +553,3 @@ def figure1_markdown(result: dict[str, Any]) -> str:
         + ".\n"
     )
     return text
-
-
-# --- the command -----------------------------------------------------------------------------
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive learning rates, got {text!r}")
-    return values
-
-
-def config_from_args(args) -> Figure1Config:
-    base = QUICK if args.quick else FULL
-    return Figure1Config(
-        out=args.out,
-        data=args.data,
-        fashion_mnist=args.fashion_mnist,
-        seeds=args.seeds if args.seeds is not None else base["seeds"],
-        epochs=args.epochs if args.epochs is not None else base["epochs"],
-        threshold=args.threshold,
-        batch_size=args.batch_size,
-        train_images=args.train_images if args.train_images is not None else base["train_images"],
-        points_per_epoch=args.points_per_epoch
-        if args.points_per_epoch is not None
-        else base["points_per_epoch"],
-        lr_grid=args.lr_grid or (QUICK_LR_GRID if args.quick else FULL_LR_GRID),
-        lr={"relu": args.lr_relu, "tanh": args.lr_tanh},
-        device=args.device,
-    )
-
-
-def cmd_figure1(args) -> int:
-    if not 0 < args.threshold < 1:
-        raise ValueError(f"--threshold {args.threshold} must be between 0 and 1")
-    cfg = config_from_args(args)
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    r = run_figure1(cfg)
-    print(figure1_markdown(r))
-    print(f"wrote {Path(cfg.out) / 'figure1.png'}, figure1.json, figure1.md", file=sys.stderr)
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser(
-        "figure1",
-        help="Figure 1: ReLU vs tanh, epochs to 25%% training error (four-layer conv net)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--data",
-        metavar="CIFAR10_DIR",
-        help="CIFAR-10 python batches (default: Fashion-MNIST's IDX files)",
-    )
-    p.add_argument(
-        "--fashion-mnist",
-        default=str(FASHION_MNIST),
-        metavar="DIR",
-        help=f"the Fashion-MNIST IDX files (default {FASHION_MNIST})",
-    )
-    p.add_argument("--out", default="runs/figure1", help="output folder (default runs/figure1)")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"a few minutes on a 2-core CPU: {QUICK}, lr grid {QUICK_LR_GRID}",
-    )
-    p.add_argument("--seeds", type=int, help="runs per activation (full 3, quick 2)")
-    p.add_argument("--epochs", type=int, help="epochs per run (full 40, quick 3)")
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=PAPER_THRESHOLD,
-        help="target training error (default 0.25, the paper's)",
-    )
-    p.add_argument("--batch-size", type=int, default=128, help="default 128 (Sec. 5)")
-    p.add_argument(
-        "--train-images",
-        type=int,
-        help="train on a fixed subset of N images (quick: 4000; full: all)",
-    )
-    p.add_argument(
-        "--points-per-epoch", type=int, help="training-error points per epoch (full 5, quick 8)"
-    )
-    p.add_argument(
-        "--lr-grid",
-        type=_floats,
-        metavar="LR,LR,...",
-        help=f"rates searched per activation (full {FULL_LR_GRID})",
-    )
-    p.add_argument("--lr-relu", type=float, help="fixed ReLU rate (no search)")
-    p.add_argument("--lr-tanh", type=float, help="fixed tanh rate (no search)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
-    p.set_defaults(func=cmd_figure1)

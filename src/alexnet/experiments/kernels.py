@@ -30,7 +30,6 @@ are drawn as a single block "all" of rows of 16, with one number.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +37,25 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alexnet.experiments.common import markdown_table, save_figure, write_json, write_text
+from alexnet.errors import BadInput
+from alexnet.evaluate import load_model
+from alexnet.experiments.common import markdown_table
+from alexnet.fileio import write_json, write_text
+from alexnet.model import AlexNet
+from alexnet.plots import plt, save_figure
 
 COLS = 16  # Figure 3: 16 kernels per row, 3 rows per GPU
 
 
 def conv1_weights(model: torch.nn.Module) -> np.ndarray:
     """conv1's weights as float64 (K, 3, h, w), whatever the layout and devices."""
-    conv1 = getattr(model, "conv1", None)
-    if conv1 is not None:  # the two-tower AlexNet (one or two devices)
-        w = conv1.whole("weight") if hasattr(conv1, "whole") else conv1.weight
-    else:  # torchvision's layout: features[0]
-        w = model.features[0].weight
-    return w.detach().to("cpu", torch.float64).numpy()
+    return model.conv1_weight().detach().to("cpu", torch.float64).numpy()
 
 
 def tower_slices(model: torch.nn.Module, n_kernels: int) -> list[tuple[str, slice]]:
     """[(name, slice of conv1's output channels)]: A = first half, B = second half (Sec. 3.2:
     tower A's maps are the first half of every layer), or one block "all"."""
-    towers = getattr(getattr(model, "config", None), "towers", 1)
-    layout = getattr(getattr(model, "config", None), "layout", "two-tower")
-    if layout == "two-tower" and towers == 2:
+    if isinstance(model, AlexNet) and model.config.towers == 2:
         half = n_kernels // 2
         return [("A", slice(0, half)), ("B", slice(half, n_kernels))]
     return [("all", slice(0, n_kernels))]
@@ -68,7 +65,7 @@ def chroma_share(w: np.ndarray) -> np.ndarray:
     """Per kernel ||w - mean_rgb(w)||^2 / ||w||^2 for w of shape (K, 3, h, w) (module doc)."""
     w = np.asarray(w, dtype=np.float64)
     if w.ndim != 4 or w.shape[1] != 3:
-        raise ValueError(f"expected kernels of shape (K, 3, h, w), got {w.shape}")
+        raise BadInput(f"expected kernels of shape (K, 3, h, w), got {w.shape}")
     lum = w.mean(axis=1, keepdims=True)
     chroma = w - lum
     total = (w**2).sum(axis=(1, 2, 3))
@@ -166,8 +163,6 @@ def kernels_report(model: torch.nn.Module) -> dict[str, Any]:
 
 def run_kernels(run: str | Path, out: str | Path | None = None, scale: int = 4) -> dict[str, Any]:
     """Writes kernels_grid.png (raw grid), kernels.png (annotated), kernels.json, kernels.md."""
-    from alexnet.evaluate import load_model
-
     loaded = load_model(run, "cpu")
     out = Path(out) if out else (Path(run) if Path(run).is_dir() else Path(run).parent)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,11 +225,6 @@ def kernels_markdown(rep: dict[str, Any]) -> str:
 
 
 def _plot(img, lay, rep, blocks, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     h, w = img.shape[:2]
     # Figure size from the grid's aspect: a left margin for the labels, a line for the title.
     fig_w, left, width = 11.0, 0.15, 0.83
@@ -263,22 +253,3 @@ def _plot(img, lay, rep, blocks, path) -> None:
         fontsize=9,
     )
     save_figure(fig, path)
-
-
-def cmd_kernels(args) -> int:
-    rep = run_kernels(args.run, args.out, args.scale)
-    print(kernels_markdown(rep))
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser(
-        "kernels",
-        help="Figure 3: the conv1 kernels (tower A above tower B) and their colour specificity",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("run", metavar="RUN", help="a run folder or a .safetensors weights file")
-    p.add_argument("--out", help="output folder (default: the run folder)")
-    p.add_argument("--scale", type=int, default=4, help="pixels per kernel pixel (default 4)")
-    p.set_defaults(func=cmd_kernels)

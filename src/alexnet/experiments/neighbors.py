@@ -18,7 +18,6 @@ Cost: one forward pass per training image (the paper net: about 724M multiply-ad
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -26,22 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from alexnet.experiments.common import (
-    file_sha256,
-    markdown_table,
-    progress,
-    read_json,
-    save_figure,
-    write_json,
-    write_text,
-)
-
-
-def fc7_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """fc7 after its ReLU (Sec. 6.1's 4096-d feature vector), either layout."""
-    if hasattr(model, "features_of"):  # torchvision's layout (its `features` is the conv stack)
-        return model.features_of(x, "fc7")
-    return model.features(x, layer="fc7")
+from alexnet.data import make_eval_loader, open_store, preprocess
+from alexnet.errors import BadInput
+from alexnet.evaluate import load_model
+from alexnet.experiments.common import markdown_table, progress
+from alexnet.fileio import file_sha256, read_json, write_json, write_text
+from alexnet.plots import plt, save_figure
 
 
 def store_key(store) -> str:
@@ -63,8 +52,6 @@ def train_features(
     device="cpu",
 ) -> tuple[np.ndarray, Path]:
     """fc7 features (N, 4096) of the first `limit` images of `split` (all: None), cached."""
-    from alexnet.data import make_eval_loader
-
     n = store.size(split) if limit is None else min(limit, store.size(split))
     wsha = file_sha256(loaded.path)
     path = out / f"fc7-{wsha[:16]}-{store_key(store)}-{split}-{n}.npy"
@@ -100,7 +87,7 @@ def train_features(
         if done >= n:
             break
         x = x[: n - done]
-        f = fc7_of(model, x.to(device)).float().cpu().numpy()
+        f = model.feature_vector(x.to(device), "fc7").float().cpu().numpy()
         if feats is None:
             feats = np.empty((n, f.shape[1]), np.float32)
         feats[done : done + len(f)] = f
@@ -117,8 +104,6 @@ def train_features(
 @torch.no_grad()
 def query_features(loaded, store, split: str, indices: list[int], device="cpu"):
     """(fc7 features (Q, 4096), softmax probabilities (Q, classes)) of chosen images."""
-    from alexnet.data import preprocess
-
     x = torch.stack(
         [
             preprocess(store.image(split, i), loaded.profile.data, store.stats, views=1)
@@ -126,7 +111,7 @@ def query_features(loaded, store, split: str, indices: list[int], device="cpu"):
         ]
     ).to(device)
     model = loaded.model.eval()
-    feats = fc7_of(model, x).float().cpu().numpy()
+    feats = model.feature_vector(x, "fc7").float().cpu().numpy()
     probs = model(x).float().softmax(1).cpu().numpy()
     return feats, probs
 
@@ -161,10 +146,10 @@ def choose_queries(store, split: str, n: int | None, index: str | None, seed: in
         try:
             picks = [int(v) for v in index.split(",") if v.strip()]
         except ValueError:
-            raise ValueError(f"--index expects comma-separated integers, got {index!r}") from None
+            raise BadInput(f"--index expects comma-separated integers, got {index!r}") from None
         bad = [i for i in picks if not 0 <= i < size]
         if bad:
-            raise ValueError(f"--index {bad}: the {split} split has images 0..{size - 1}")
+            raise BadInput(f"--index {bad}: the {split} split has images 0..{size - 1}")
         return picks
     n = min(n or 5, size)
     return sorted(np.random.default_rng(seed).choice(size, n, replace=False).tolist())
@@ -186,21 +171,18 @@ def run_neighbors(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Writes neighbors.png, neighbors.json, neighbors.md (and the feature cache) into OUT."""
-    from alexnet.data import open_store
-    from alexnet.evaluate import load_model
-
     loaded = load_model(run, device)
     store = open_store(data)
     if split not in store.splits:
-        raise ValueError(f"{data}: no split {split!r} (it has {store.splits})")
+        raise BadInput(f"{data}: no split {split!r} (it has {store.splits})")
     if "train" not in store.splits:
-        raise ValueError(f"{data}: no 'train' split to search")
+        raise BadInput(f"{data}: no 'train' split to search")
     if store.num_classes != len(loaded.classes):
-        raise ValueError(
+        raise BadInput(
             f"the weights have {len(loaded.classes)} classes, the store {store.num_classes}"
         )
     if k < 1:
-        raise ValueError("--k must be at least 1")
+        raise BadInput("--k must be at least 1")
     out = Path(out) if out else (Path(run) if Path(run).is_dir() else Path(run).parent)
     out.mkdir(parents=True, exist_ok=True)
     qidx = choose_queries(store, split, images, index, seed)
@@ -276,11 +258,6 @@ def neighbors_markdown(result: dict[str, Any]) -> str:
 
 
 def plot_neighbors(result, store, split, path, top5: bool) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     qs = result["queries"]
     k = result["k"]
     extra = 1 if top5 else 0
@@ -324,50 +301,3 @@ def plot_neighbors(result, store, split, path, top5: bool) -> Path:
     )
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
-
-
-def cmd_neighbors(args) -> int:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    r = run_neighbors(
-        args.run,
-        args.data,
-        args.out,
-        args.images,
-        args.index,
-        args.split,
-        args.k,
-        args.top5,
-        args.train_limit,
-        args.seed,
-        args.batch_size,
-        args.workers,
-        device,
-    )
-    print(neighbors_markdown(r))
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser(
-        "neighbors",
-        help="Figure 4: nearest training images in fc7 space (and --top5 predictions)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("run", metavar="RUN", help="a run folder or a .safetensors weights file")
-    p.add_argument("--data", required=True, metavar="STORE", help="a prepared store")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--images", type=int, default=5, help="random query images (default 5)")
-    g.add_argument("--index", metavar="I,J,K", help="these query images of --split")
-    p.add_argument("--split", default="val", help="where the queries come from (default val)")
-    p.add_argument("--k", type=int, default=6, help="neighbours per query (default 6, Fig. 4)")
-    p.add_argument("--top5", action="store_true", help="add the top-5 predictions panel")
-    p.add_argument("--train-limit", type=int, help="search only the first N training images")
-    p.add_argument("--seed", type=int, default=0, help="of the random queries")
-    p.add_argument("--out", help="output folder (default: the run folder)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, help="loader worker processes")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
-    p.set_defaults(func=cmd_neighbors)

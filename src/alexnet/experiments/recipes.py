@@ -33,16 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from alexnet.experiments.common import (
-    markdown_table,
-    progress,
-    read_json,
-    read_step_losses,
-    save_figure,
-    train_or_resume,
-    write_json,
-    write_text,
-)
+from alexnet.config import LAYERS, apply_overrides, get_profile
+from alexnet.data import open_store
+from alexnet.errors import BadInput
+from alexnet.experiments.ablate import default_store
+from alexnet.experiments.common import markdown_table, progress, read_step_losses, train_or_resume
+from alexnet.fileio import read_json, write_json, write_text
+from alexnet.plots import plt, save_figure
+from alexnet.train import RunConfig
 
 DEFAULT_RECIPES = ("paper", "cuda-convnet")
 LOSS_AT = (50, 100, 200, 300, 400)  # the table's fixed steps (those within the budget)
@@ -56,8 +54,6 @@ class Control:
 
 
 def _per_layer_json(default: float, **values: float) -> str:
-    from alexnet.config import LAYERS
-
     d = {name: values.get(name, default) for name in LAYERS}
     return json.dumps(d, separators=(",", ":"))
 
@@ -131,7 +127,7 @@ def parse_controls(text: str | None) -> tuple[str, ...]:
     keys = [k.strip() for k in text.split(",") if k.strip()]
     bad = [k for k in keys if k not in BY_KEY]
     if bad:
-        raise ValueError(f"--controls {','.join(bad)}: valid are {', '.join(BY_KEY)} (or all)")
+        raise BadInput(f"--controls {','.join(bad)}: valid are {', '.join(BY_KEY)} (or all)")
     return tuple(dict.fromkeys(["baseline", *keys]))
 
 
@@ -157,8 +153,6 @@ def loss_at(steps: list[int], losses: list[float], step: int) -> float | None:
 
 
 def _run_config(cfg: RecipesConfig, store: Path, folder: Path, seed: int, max_steps: int):
-    from alexnet.train import RunConfig
-
     return RunConfig(
         data=str(store),
         out=str(folder),
@@ -240,11 +234,6 @@ def _one(cfg, store, name, profile, seed, max_steps, kind) -> dict[str, Any]:
 def run_recipes(cfg: RecipesConfig) -> dict[str, Any]:
     """Runs (or resumes) the recipes and the controls; writes OUT/recipes.{json,md,png} and
     controls.png; returns the JSON."""
-    from alexnet.config import get_profile
-    from alexnet.data import open_store
-    from alexnet.experiments.ablate import default_store
-    from alexnet.train import apply_overrides
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     store = Path(cfg.data) if cfg.data else default_store(cfg.out, None)
@@ -389,11 +378,6 @@ def recipes_markdown(summary: dict[str, Any]) -> str:
 
 
 def plot_recipes(summary: dict[str, Any], path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (ax_l, ax_e) = plt.subplots(1, 2, figsize=(12, 4.4))
     chance = summary["chance_loss"]
     for name, r in summary["recipes"].items():
@@ -422,11 +406,6 @@ def plot_recipes(summary: dict[str, Any], path: str | Path) -> Path:
 
 
 def plot_controls(summary: dict[str, Any], path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(11, 5))
     for key, c in summary["controls"].items():
         curves = c["curves"]
@@ -445,81 +424,3 @@ def plot_controls(summary: dict[str, Any], path: str | Path) -> Path:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-# --- the command -----------------------------------------------------------------------------
-def config_from_args(args) -> RecipesConfig:
-    recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
-    from alexnet.config import get_profile
-
-    for r in recipes:
-        get_profile(r)  # a clear error for an unknown profile, before any work
-    if args.epochs < 0 or args.control_steps < 1 or args.seeds < 1:
-        raise ValueError("--epochs must be >= 0, --control-steps and --seeds >= 1")
-    return RecipesConfig(
-        out=args.out,
-        data=args.data,
-        recipes=recipes if args.epochs > 0 else (),
-        epochs=args.epochs,
-        controls=parse_controls(args.controls),
-        control_steps=args.control_steps,
-        seeds=args.seeds,
-        margin=args.margin,
-        log_every=args.log_every,
-        device=args.device,
-        workers=args.workers,
-        fast=not args.no_fast,
-        val_limit=args.val_limit,
-        sets=tuple(args.set),
-    )
-
-
-def cmd_recipes(args) -> int:
-    import sys
-
-    cfg = config_from_args(args)
-    try:
-        summary = run_recipes(cfg)
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are kept; run the same command again to resume",
-              file=sys.stderr)  # fmt: skip
-        return 130
-    print(recipes_markdown(summary))
-    print(f"wrote {Path(cfg.out) / 'recipes.md'}, recipes.json, recipes.png", file=sys.stderr)
-    return 0
-
-
-def add_commands(sub) -> None:
-    import argparse
-
-    p = sub.add_parser(
-        "recipes",
-        help="do the paper's recipes learn? loss curves, the step leaving chance, controls",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--data", metavar="STORE", help="a prepared store (default: Fashion-MNIST)")
-    p.add_argument("--out", default="runs/recipes", help="output folder (default runs/recipes)")
-    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help="profiles to train")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per recipe (0: none; default 3)")
-    p.add_argument(
-        "--controls",
-        metavar="KEY,KEY|all",
-        help="short runs from `paper`, one change each: " + ", ".join(BY_KEY),
-    )
-    p.add_argument("--control-steps", type=int, default=400, help="steps per control (400)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per control (default 2)")
-    p.add_argument("--margin", type=float, default=0.1, help="below ln(classes) by (0.1)")
-    p.add_argument("--log-every", type=int, default=10, help="steps per logged loss (10)")
-    p.add_argument("--val-limit", type=int, help="validation images per epoch (default all)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="an override for every run (as alexnet train --set)",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, help="loader worker processes")
-    p.add_argument("--no-fast", action="store_true", help="float32, default memory format")
-    p.set_defaults(func=cmd_recipes)

@@ -12,15 +12,19 @@ go to a folder next to the page, <page>_files/, so a second report is quick.
 
 from __future__ import annotations
 
-import argparse
 import base64
-import dataclasses
 import html
 import json
 from pathlib import Path
 from typing import Any
 
-from alexnet.experiments.common import read_json, write_text
+from alexnet.config import profile_diff
+from alexnet.errors import NotFound
+from alexnet.experiments.kernels import kernels_markdown, run_kernels
+from alexnet.experiments.neighbors import run_neighbors
+from alexnet.fileio import read_json, write_text
+from alexnet.plots import plot_curves, split_records
+from alexnet.runlog import read_metrics
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -50,24 +54,6 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-def profile_diff(profile: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """[(dotted key, this run's value, the paper profile's value)] for every difference."""
-    from alexnet.config import PROFILES
-    from alexnet.summary import _flatten
-
-    paper = _flatten(dataclasses.asdict(PROFILES["paper"]))
-    mine = _flatten(profile)
-
-    def norm(v):  # JSON turned tuples into lists
-        return json.dumps(v, default=str)
-
-    return [
-        (k, mine[k], paper.get(k, "(absent)"))
-        for k in mine
-        if k not in ("name", "description") and norm(mine[k]) != norm(paper.get(k))
-    ]
-
-
 def build_report(
     run: str | Path,
     out: str | Path | None = None,
@@ -77,14 +63,12 @@ def build_report(
     device: str = "cpu",
 ) -> Path:
     """Writes the HTML page (default RUN/report.html) and returns its path."""
-    from alexnet.plots import plot_curves, read_metrics
-
     run = Path(run)
     if not run.is_dir():
-        raise NotADirectoryError(f"{run}: not a run folder (alexnet train --out RUN)")
+        raise NotFound(f"{run}: not a run folder (alexnet train --out RUN)")
     cfg = read_json(run / "config.json")
     if cfg is None:
-        raise FileNotFoundError(f"{run}/config.json: missing or unreadable: not a run folder")
+        raise NotFound(f"{run}/config.json: missing or unreadable: not a run folder")
     page = Path(out) if out else run / "report.html"
     files = page.with_name(page.stem + "_files")
     files.mkdir(parents=True, exist_ok=True)
@@ -117,7 +101,8 @@ def build_report(
     # --- final errors
     parts.append('<h2 id="errors">Final errors</h2>')
     metrics = run / "metrics.jsonl"
-    steps, epochs = read_metrics(metrics) if metrics.exists() else ([], [])
+    records = read_metrics(metrics)
+    steps, epochs = split_records(records)
     if epochs:
         last = epochs[-1]
         best = min(epochs, key=lambda r: r["val_top1_error"])
@@ -155,15 +140,13 @@ def build_report(
     parts.append('<h2 id="curves">Training curves</h2>')
     curves = run / "curves.png"
     if not curves.exists() and metrics.exists() and (steps or epochs):
-        curves = plot_curves(metrics, files / "curves.png")
+        curves = plot_curves(records, files / "curves.png")
     parts.append(_img(curves, "training curves") if curves.exists() else "<p>No curves.</p>")
 
     # --- kernels
     parts.append('<h2 id="kernels">conv1 kernels (Figure 3)</h2>')
     weights = run / "model.safetensors"
     if weights.exists():
-        from alexnet.experiments.kernels import kernels_markdown, run_kernels
-
         rep = run_kernels(run, files / "kernels")
         parts.append(_img(files / "kernels" / "kernels.png", "conv1 kernels"))
         parts.append(
@@ -191,8 +174,6 @@ def build_report(
     parts.append('<h2 id="neighbors">Nearest neighbours in fc7 (Figure 4)</h2>')
     store = data or derived.get("store") or runcfg.get("data")
     if weights.exists() and store and (Path(store) / "manifest.json").exists():
-        from alexnet.experiments.neighbors import run_neighbors
-
         nb = run_neighbors(
             run,
             store,
@@ -248,41 +229,3 @@ def build_report(
     page.parent.mkdir(parents=True, exist_ok=True)
     write_text(page, doc)
     return page
-
-
-def cmd_report(args) -> int:
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    page = build_report(
-        args.run, args.out, args.data, args.images, args.train_limit or None, device
-    )
-    print(f"wrote {page}")
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser(
-        "report",
-        help="one self-contained HTML page for a run (curves, errors, kernels, neighbours)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("run", metavar="RUN", help="a run folder (alexnet train --out RUN)")
-    p.add_argument("--out", metavar="FILE.html", help="the page (default RUN/report.html)")
-    p.add_argument(
-        "--data",
-        metavar="STORE",
-        help="store for the neighbours (default: the run's, if it still exists)",
-    )
-    p.add_argument("--images", type=int, default=4, help="query images for the neighbours")
-    p.add_argument(
-        "--train-limit",
-        type=int,
-        default=2000,
-        help="training images searched for neighbours (default 2000; 0: all)",
-    )
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
-    p.set_defaults(func=cmd_report)

@@ -1,8 +1,7 @@
-"""`alexnet bench model` (training-step and inference speed of every profile against
-torchvision's AlexNet) and `alexnet bench data` (the loader against the ImageFolder baseline;
-implemented in alexnet.data.bench).
+"""`alexnet bench model`: training-step and inference speed of every profile against
+torchvision's AlexNet.
 
-`bench model` times, in one process and interleaved (A B C A B C ...: background load hits every
+It times, in one process and interleaved (A B C A B C ...: background load hits every
 configuration alike), for every (network, mode) pair:
   - a training step: forward, cross-entropy in float32, backward, SGD with momentum (the same
     optimiser for every network), on a synthetic batch (the loader is `bench data`'s business);
@@ -16,16 +15,35 @@ before, during and after the timed steps).
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from alexnet import lrn
+from alexnet.benchmarks.report import (
+    machine_info,
+    machine_lines,
+    markers,
+    section_name,
+    write_section,
+)
+from alexnet.config import get_profile
+from alexnet.errors import BadInput
+from alexnet.model import build_model
+from alexnet.speed import (
+    FastMode,
+    autocast,
+    cpu_has_bf16,
+    default_fast_mode,
+    maybe_compile,
+    prepare_input,
+    tune_cpu_allocator,
+)
 
 DEFAULT_PROFILES = ("paper", "cuda-convnet", "caffe", "torchvision")
 BASELINE = "torchvision"
@@ -52,38 +70,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def machine_info(device: torch.device) -> dict:
-    """What ran the benchmark: CPU model, cores, torch version, date (and the GPU, if any)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    from alexnet.speed import cpu_has_bf16
-
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_bf16": cpu_has_bf16(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = props.name
-        info["cuda"] = torch.version.cuda
-    if hasattr(os, "getloadavg"):
-        info["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
-    return info
-
-
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
     """FLOP/s of an n x n x n matrix product: the machine's practical matrix peak."""
     a = torch.randn(n, n, device=device).to(dtype)
@@ -101,8 +87,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
 
 def forward_flops(model: torch.nn.Module, size: int) -> int:
     """FLOPs (2 per multiply-add) of one image's forward pass through the convs and matmuls."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -115,15 +99,11 @@ def forward_flops(model: torch.nn.Module, size: int) -> int:
 
 
 def _input_size(profile: str) -> int:
-    from alexnet.config import get_profile
-
     p = get_profile(profile)
     return 224 if p.model.layout == "torchvision" else p.model.input_size
 
 
 def _train_step(cfg: _Config, device: torch.device) -> None:
-    from alexnet.speed import autocast
-
     cfg.optimizer.zero_grad(set_to_none=True)
     with autocast(cfg.mode, device):
         out = cfg.runner(cfg.x)
@@ -134,8 +114,6 @@ def _train_step(cfg: _Config, device: torch.device) -> None:
 
 
 def _infer(cfg: _Config, device: torch.device) -> None:
-    from alexnet.speed import autocast
-
     with torch.inference_mode(), autocast(cfg.mode, device):
         cfg.runner(cfg.x)
 
@@ -152,8 +130,6 @@ def _set_format(cfg: _Config, current: dict) -> None:
 def available_modes(device: torch.device, compile: bool = False) -> list[str]:
     """The modes worth measuring here: fp32 and bf16 (where the hardware has it), each in the
     default and the channels_last memory format; +compile variants on request."""
-    from alexnet.speed import cpu_has_bf16, default_fast_mode
-
     modes = ["fp32", "fp32+cl"]
     if device.type == "cuda" or cpu_has_bf16():
         modes += ["bf16", "bf16+cl"]
@@ -178,19 +154,15 @@ def run_model_bench(
 ) -> dict:
     """Training and inference images/s of every (profile, mode), interleaved; see the module
     docstring. Returns the object `alexnet bench model --json` prints."""
-    from alexnet.config import get_profile
-    from alexnet.model import build_model
-    from alexnet.speed import FastMode, maybe_compile, prepare_input, tune_cpu_allocator
-
     device = torch.device(device)
     if not profiles:
-        raise ValueError("no profiles to measure")
+        raise BadInput("no profiles to measure")
     if batch_size < 1 or steps < 1 or warmup < 0:
-        raise ValueError("--batch-size and --steps must be positive, --warmup at least 0")
+        raise BadInput("--batch-size and --steps must be positive, --warmup at least 0")
     for p in profiles:
         get_profile(p)  # a clear error for an unknown profile
     if not profiles:
-        raise ValueError("no profiles to measure")
+        raise BadInput("no profiles to measure")
     modes = list(modes) if modes else available_modes(device)
     parsed = [FastMode.from_label(m) for m in modes]
     tuned = tune_cpu_allocator() if (tune_allocator and device.type == "cpu") else False
@@ -308,8 +280,6 @@ def run_model_bench(
 
 
 def _lrn_backend() -> str:
-    from alexnet import lrn
-
     return lrn.get_backend()
 
 
@@ -406,29 +376,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def section_name(what: str, machine: dict) -> str:
-    """The name of a BENCHMARKS.md section: one per benchmark and device kind, so that a GPU
-    run adds its sections beside the CPU's instead of replacing them."""
-    device = machine.get("device", "cpu")
-    return what if device.startswith("cpu") else f"{what} ({device.split(':')[0]})"
-
-
-def markers(name: str) -> tuple[str, str]:
-    return f"<!-- alexnet {name}: begin -->", f"<!-- alexnet {name}: end -->"
-
-
-def machine_lines(m: dict, command: str) -> list[str]:
-    """The machine, software, date, load and command of a run, as Markdown list items."""
-    return [
-        f"- Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
-        f"native bf16: {m['cpu_bf16']}; device {m['device']}"
-        + (f" ({m['gpu']}, CUDA {m['cuda']})" if "gpu" in m else ""),
-        f"- torch {m['torch']}, Python {m['python']}; date {m['date']}; load average "
-        f"{m.get('loadavg_start')} -> {m.get('loadavg_end')} (other work on the machine)",
-        f"- Command: `{command}`",
-    ]
-
-
 def format_markdown(result: dict) -> str:
     """The result as a Markdown section (machine, date, command, table, ratios)."""
     m, s = result["machine"], result["settings"]
@@ -466,124 +413,6 @@ def format_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def check_markdown_path(path: str | None) -> None:
-    """Fail before a benchmark runs, not after, when its --markdown file cannot be written."""
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"--markdown {path}: no folder {folder}")
-    if os.path.isdir(path) or not os.access(folder, os.W_OK):
-        raise ValueError(f"--markdown {path}: not a writable file")
-
-
-def write_section(path: str, section: str) -> None:
-    """Write a section (from its begin marker to its end marker) into the Markdown file `path`,
-    replacing the earlier section of the same name if there is one, else appending it."""
-    begin, end = section.splitlines()[0], section.splitlines()[-1]
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = "# Benchmarks\n\nEvery figure here is written by `alexnet bench`.\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def write_markdown(path: str, result: dict) -> None:
     """Write `bench model`'s section into `path`, replacing an earlier one if any."""
     write_section(path, format_markdown(result))
-
-
-def _model_command(args) -> int:
-    check_markdown_path(args.markdown)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # --quick: a smoke test of the whole path (tests/test_bench.py), not a measurement.
-    batch = args.batch_size or (4 if args.quick else 128)
-    steps = args.steps or (2 if args.quick else 5)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    classes = args.num_classes or (10 if args.quick else 1000)
-    if args.modes:
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    elif args.quick:
-        modes = ["fp32", "fp32+cl"]
-    else:
-        modes = available_modes(device, compile=args.compile)
-    profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
-    result = run_model_bench(
-        profiles=profiles,
-        modes=modes,
-        batch_size=batch,
-        steps=steps,
-        warmup=warmup,
-        num_classes=classes,
-        device=device,
-        peak_size=256 if args.quick else 2048,
-        tune_allocator=not args.no_tune_allocator,
-        log=(lambda *a: None) if args.json else print,
-    )
-    result["settings"]["command"] = (
-        f"alexnet bench model --profiles {','.join(profiles)} --modes {','.join(modes)} "
-        f"--batch-size {batch} --steps {steps} --warmup {warmup} --num-classes {classes}"
-        + (" --no-tune-allocator" if args.no_tune_allocator else "")
-    )
-    if args.markdown:
-        write_markdown(args.markdown, result)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(format_table(result))
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("bench", help="measure model and data-loading speed on this machine")
-    bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
-    bsub.required = True
-
-    m = bsub.add_parser(
-        "model",
-        help="training/inference images/s of each profile and torchvision's AlexNet",
-        description=__doc__.split("\n\n", 1)[1],
-    )
-    m.add_argument("--json", action="store_true", help="print one JSON object")
-    m.add_argument(
-        "--profiles",
-        default=",".join(DEFAULT_PROFILES),
-        help=f"comma-separated profiles (default {','.join(DEFAULT_PROFILES)})",
-    )
-    m.add_argument("--batch-size", type=int, help="batch size (default 128; --quick: 4)")
-    m.add_argument("--steps", type=int, help="timed repeats per configuration (5; --quick: 2)")
-    m.add_argument("--warmup", type=int, help="warm-up steps per configuration (2; --quick: 1)")
-    m.add_argument(
-        "--modes",
-        help="comma-separated modes, e.g. fp32,fp32+cl,bf16,bf16+cl,bf16+cl+compile "
-        "(default: fp32 and bf16 where native, each with and without channels_last)",
-    )
-    m.add_argument("--compile", action="store_true", help="add the default mode +compile")
-    m.add_argument("--num-classes", type=int, help="classes of the last layer (default 1000)")
-    m.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    m.add_argument(
-        "--no-tune-allocator",
-        action="store_true",
-        help="leave glibc's malloc as it is (to measure what speed.tune_cpu_allocator gains)",
-    )
-    m.add_argument("--markdown", metavar="FILE", help="also write the table into FILE (Markdown)")
-    m.add_argument(
-        "--quick", action="store_true", help="tiny batch and few steps (a smoke test, for tests)"
-    )
-    m.set_defaults(func=_model_command)
-
-    d = bsub.add_parser("data", help="training loader images/s against the ImageFolder baseline")
-    try:
-        from alexnet.data import bench as data_bench
-    except ImportError:  # the data package is optional for `bench model`
-        data_bench = None
-    if data_bench is not None:
-        data_bench.add_arguments(d)
-        d.set_defaults(func=data_bench.run)

@@ -13,7 +13,6 @@ start-up is left out of both alike.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import tempfile
@@ -21,15 +20,28 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from alexnet.benchmarks.report import machine_lines, markers, section_name
+from alexnet.config import DataConfig
+from alexnet.data import make_train_loader, prepare_store
+from alexnet.errors import BadInput
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
 def make_jpegs(root: Path, n: int, classes: int = 8, seed: int = 0) -> int:
     """n JPEGs in root/<class>/ (an ImageFolder tree); returns their total bytes."""
-    import skimage.data
-    from PIL import Image
-
+    try:  # an optional dependency: the [bench] extra (and [dev])
+        import skimage.data
+    except ImportError:
+        raise BadInput(
+            "bench data makes its JPEGs from scikit-image's photos: pip install 'alexnet[bench]'"
+        ) from None
     rng = np.random.default_rng(seed)
     photos = [Image.fromarray(getattr(skimage.data, name)()) for name in PHOTOS]
     total = 0
@@ -129,8 +141,6 @@ def run_bench(
     min_seconds: float = 3.0,
     log=print,
 ) -> dict:
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the consumer does nothing but take batches
     try:
@@ -140,13 +150,6 @@ def run_bench(
 
 
 def _run_bench(images, workers, encoding, seed, min_seconds, log) -> dict:
-    import torchvision.transforms as T
-    from torch.utils.data import DataLoader
-    from torchvision.datasets import ImageFolder
-
-    from alexnet.config import DataConfig
-    from alexnet.data import make_train_loader, prepare_store
-
     batch = 128
     with tempfile.TemporaryDirectory(prefix="alexnet-bench-") as tmp:
         src = Path(tmp) / "jpegs"
@@ -243,28 +246,8 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--images", type=int, default=2048, help="JPEGs to make (default 2048)")
-    parser.add_argument("--workers", type=int, help="loader workers for both (default: cores)")
-    parser.add_argument(
-        "--encoding",
-        choices=("jpeg", "raw"),
-        default="jpeg",
-        help="store record encoding to measure (default jpeg)",
-    )
-    parser.add_argument(
-        "--seconds", type=float, default=3.0, help="time each side at least this long (default 3)"
-    )
-    parser.add_argument(
-        "--markdown", metavar="FILE", help="also write the result into FILE (BENCHMARKS.md)"
-    )
-
-
 def format_markdown(result: dict) -> str:
     """The result as a BENCHMARKS.md section: machine, date, command, baseline, table."""
-    from alexnet.bench import machine_lines, markers, section_name
-
     m, r = result["machine"], result
     # One section per core count: a 16-core GPU host's figures sit beside a 2-core laptop's.
     begin, end = markers(section_name(f"bench data, {r['workers']} workers", {"device": "cpu"}))
@@ -300,46 +283,3 @@ def format_markdown(result: dict) -> str:
         end,
     ]
     return "\n".join(lines)
-
-
-def run(args) -> int:
-    from alexnet.data.prepare import default_workers
-
-    if args.images < 512:
-        raise ValueError("--images must be at least 512 (four batches of 128 per epoch)")
-    workers = args.workers if args.workers is not None else default_workers()
-    if workers < 1:
-        raise ValueError("--workers must be at least 1")
-    import torch
-
-    from alexnet.bench import check_markdown_path, machine_info, write_section
-
-    check_markdown_path(args.markdown)
-    machine = machine_info(torch.device("cpu"))
-    result = run_bench(
-        args.images,
-        workers,
-        args.encoding,
-        min_seconds=args.seconds,
-        log=(lambda *a: None) if args.json else print,
-    )
-    if hasattr(os, "getloadavg"):
-        machine["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    result["machine"] = machine
-    result["command"] = (
-        f"alexnet bench data --images {args.images} --workers {workers} --encoding "
-        f"{args.encoding} --seconds {args.seconds:g}"
-    )
-    if args.markdown:
-        write_section(args.markdown, format_markdown(result))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(
-            f"ratio {result['ratio']:.2f}x (per CPU-second {result['ratio_per_cpu_s']:.2f}x); "
-            f"per worker: loader "
-            f"{result['loader_images_per_s_per_worker']:.0f}, baseline "
-            f"{result['baseline_images_per_s_per_worker']:.0f} images/s; store "
-            f"{result['store_bytes_per_image'] / 1024:.1f} KiB/image ({result['encoding']})"
-        )
-    return 0

@@ -1,0 +1,153 @@
+"""`alexnet bench model` and `alexnet bench data` (alexnet.benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from alexnet.benchmarks import data as bd
+from alexnet.benchmarks import model as bm
+from alexnet.benchmarks.report import check_markdown_path, machine_info, write_section
+from alexnet.devices import available_cpus, resolve_device
+from alexnet.errors import BadInput
+
+
+def run_bench_model(args) -> int:
+    check_markdown_path(args.markdown)
+    device = resolve_device(args.device or "auto")
+    # --quick: a smoke test of the whole path (tests/test_bench.py), not a measurement.
+    batch = args.batch_size or (4 if args.quick else 128)
+    steps = args.steps or (2 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    classes = args.num_classes or (10 if args.quick else 1000)
+    if args.modes:
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    elif args.quick:
+        modes = ["fp32", "fp32+cl"]
+    else:
+        modes = bm.available_modes(device, compile=args.compile)
+    profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    result = bm.run_model_bench(
+        profiles=profiles,
+        modes=modes,
+        batch_size=batch,
+        steps=steps,
+        warmup=warmup,
+        num_classes=classes,
+        device=device,
+        peak_size=256 if args.quick else 2048,
+        tune_allocator=not args.no_tune_allocator,
+        log=(lambda *a: None) if args.json else print,
+    )
+    result["settings"]["command"] = (
+        f"alexnet bench model --profiles {','.join(profiles)} --modes {','.join(modes)} "
+        f"--batch-size {batch} --steps {steps} --warmup {warmup} --num-classes {classes}"
+        + (" --no-tune-allocator" if args.no_tune_allocator else "")
+    )
+    if args.markdown:
+        bm.write_markdown(args.markdown, result)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(bm.format_table(result))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="measure model and data-loading speed on this machine")
+    bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
+    bsub.required = True
+
+    m = bsub.add_parser(
+        "model",
+        help="training/inference images/s of each profile and torchvision's AlexNet",
+        description=bm.__doc__.split("\n\n", 1)[1],
+    )
+    m.add_argument("--json", action="store_true", help="print one JSON object")
+    m.add_argument(
+        "--profiles",
+        default=",".join(bm.DEFAULT_PROFILES),
+        help=f"comma-separated profiles (default {','.join(bm.DEFAULT_PROFILES)})",
+    )
+    m.add_argument("--batch-size", type=int, help="batch size (default 128; --quick: 4)")
+    m.add_argument("--steps", type=int, help="timed repeats per configuration (5; --quick: 2)")
+    m.add_argument("--warmup", type=int, help="warm-up steps per configuration (2; --quick: 1)")
+    m.add_argument(
+        "--modes",
+        help="comma-separated modes, e.g. fp32,fp32+cl,bf16,bf16+cl,bf16+cl+compile "
+        "(default: fp32 and bf16 where native, each with and without channels_last)",
+    )
+    m.add_argument("--compile", action="store_true", help="add the default mode +compile")
+    m.add_argument("--num-classes", type=int, help="classes of the last layer (default 1000)")
+    m.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    m.add_argument(
+        "--no-tune-allocator",
+        action="store_true",
+        help="leave glibc's malloc as it is (to measure what speed.tune_cpu_allocator gains)",
+    )
+    m.add_argument("--markdown", metavar="FILE", help="also write the table into FILE (Markdown)")
+    m.add_argument(
+        "--quick", action="store_true", help="tiny batch and few steps (a smoke test, for tests)"
+    )
+    m.set_defaults(handler=run_bench_model)
+
+    d = bsub.add_parser("data", help="training loader images/s against the ImageFolder baseline")
+    add_data_arguments(d)
+    d.set_defaults(handler=run_bench_data)
+
+
+def add_data_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--images", type=int, default=2048, help="JPEGs to make (default 2048)")
+    parser.add_argument("--workers", type=int, help="loader workers for both (default: cores)")
+    parser.add_argument(
+        "--encoding",
+        choices=("jpeg", "raw"),
+        default="jpeg",
+        help="store record encoding to measure (default jpeg)",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="time each side at least this long (default 3)"
+    )
+    parser.add_argument(
+        "--markdown", metavar="FILE", help="also write the result into FILE (BENCHMARKS.md)"
+    )
+
+
+def run_bench_data(args) -> int:
+    if args.images < 512:
+        raise BadInput("--images must be at least 512 (four batches of 128 per epoch)")
+    workers = args.workers if args.workers is not None else available_cpus()
+    if workers < 1:
+        raise BadInput("--workers must be at least 1")
+    check_markdown_path(args.markdown)
+    machine = machine_info(torch.device("cpu"))
+    result = bd.run_bench(
+        args.images,
+        workers,
+        args.encoding,
+        min_seconds=args.seconds,
+        log=(lambda *a: None) if args.json else print,
+    )
+    if hasattr(os, "getloadavg"):
+        machine["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    result["machine"] = machine
+    result["command"] = (
+        f"alexnet bench data --images {args.images} --workers {workers} --encoding "
+        f"{args.encoding} --seconds {args.seconds:g}"
+    )
+    if args.markdown:
+        write_section(args.markdown, bd.format_markdown(result))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"ratio {result['ratio']:.2f}x (per CPU-second {result['ratio_per_cpu_s']:.2f}x); "
+            f"per worker: loader "
+            f"{result['loader_images_per_s_per_worker']:.0f}, baseline "
+            f"{result['baseline_images_per_s_per_worker']:.0f} images/s; store "
+            f"{result['store_bytes_per_image'] / 1024:.1f} KiB/image ({result['encoding']})"
+        )
+    return 0

@@ -1,0 +1,117 @@
+"""`alexnet evaluate`, `alexnet predict` and `alexnet import-torchvision`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from alexnet.devices import resolve_device
+from alexnet.evaluate import evaluate_store, import_torchvision, load_model, predict_images
+
+
+def run_evaluate(args) -> int:
+    device = resolve_device(args.device)
+    loaded = load_model(args.weights, device)
+    r = evaluate_store(
+        loaded,
+        args.data,
+        split=args.split,
+        views=args.views,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=device,
+        limit=args.limit,
+        per_class=args.per_class,
+        fast=not args.no_fast,
+        progress=sys.stderr.isatty() and not args.json,
+    )
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(
+        f"{r['images']} images of {args.split}, {args.views} view(s): top-1 error "
+        f"{r['top1_error']:.2%}, top-5 error {r['top5_error']:.2%}, loss {r['loss']:.4f}"
+    )
+    if args.per_class:
+        print(f"\n{'class':<30} {'images':>7} {'top-1 error':>12}")
+        for name, count, err in zip(
+            loaded.classes, r["per_class_images"], r["per_class_top1_error"], strict=True
+        ):
+            print(f"{name[:30]:<30} {count:>7} {err:>12.2%}")
+    return 0
+
+
+def run_predict(args) -> int:
+    device = resolve_device(args.device)
+    loaded = load_model(args.weights, device)
+    results = predict_images(loaded, args.images, args.topk, args.views, device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_predictions(results)
+    return 1 if any("error" in r for r in results) else 0
+
+
+def print_predictions(results: list[dict]) -> None:
+    """Each image's top-k classes, or its error on stderr (one line naming the file)."""
+    for r in results:
+        if "error" in r:
+            print(f"{r['path']}: error: {r['error']}", file=sys.stderr)
+            continue
+        print(r["path"])
+        for p in r["predictions"]:
+            print(f"  {p['probability']:7.2%}  {p['class']}")
+
+
+def run_import_torchvision(args) -> int:
+    out = import_torchvision(args.state_dict, args.out)
+    print(f"wrote {out}; try: alexnet predict {out} IMAGE.jpg")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="top-1/top-5 error of trained weights on a store")
+    p.add_argument("weights", metavar="RUN_OR_WEIGHTS")
+    p.add_argument("--data", required=True, help="a prepared store")
+    p.add_argument("--split", default="val")
+    p.add_argument("--views", type=int, choices=(1, 10), default=1, help="1: centre; 10: Sec. 4.1")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per batch (default 128; 12 with --views 10: about 128 crops per forward "
+        "pass, as larger passes spend their time in page faults on a CPU)",
+    )
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--limit", type=int, help="N images spread evenly over the split (a class-balanced sample)"
+    )
+    p.add_argument("--per-class", action="store_true", help="a per-class top-1 error table")
+    p.add_argument(
+        "--no-fast",
+        action="store_true",
+        help="float32 (default: bfloat16 autocast and channels_last where faster, as training)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=run_evaluate)
+
+    p = sub.add_parser("predict", help="top-k classes of images (JPEG, PNG, WebP, any size)")
+    p.add_argument("weights", metavar="RUN_OR_WEIGHTS")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--views", type=int, choices=(1, 10), default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=run_predict)
+
+    p = sub.add_parser(
+        "import-torchvision",
+        help="convert torchvision's AlexNet weights (a downloaded state_dict) for predict/evaluate",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The file is the one torchvision downloads for alexnet(weights=...), e.g.\n"
+        "alexnet-owt-7be5be79.pth; it is loaded with torch.load(weights_only=True).",
+    )
+    p.add_argument("state_dict", metavar="STATE_DICT_FILE")
+    p.add_argument("out", metavar="OUT", help="a .safetensors file or a folder")
+    p.set_defaults(handler=run_import_torchvision)

@@ -1,0 +1,375 @@
+"""`alexnet figure1`, `ablate`, `recipes`, `kernels`, `neighbors`, `report`: the paper's
+experiments and figures (alexnet.experiments), one command each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from alexnet.config import get_profile
+from alexnet.data.sources import FASHION_MNIST_DIR
+from alexnet.devices import resolve_device
+from alexnet.errors import BadInput
+from alexnet.experiments import ablate, figure1, kernels, neighbors, recipes, report
+
+
+def register(sub) -> None:
+    for add in (register_figure1, register_ablate, register_recipes, register_kernels,
+                register_neighbors, register_report):  # fmt: skip
+        add(sub)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive learning rates, got {text!r}")
+    return values
+
+
+def figure1_config(args) -> figure1.Figure1Config:
+    base = figure1.QUICK if args.quick else figure1.FULL
+    return figure1.Figure1Config(
+        out=args.out,
+        data=args.data,
+        fashion_mnist=args.fashion_mnist,
+        seeds=args.seeds if args.seeds is not None else base["seeds"],
+        epochs=args.epochs if args.epochs is not None else base["epochs"],
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        train_images=args.train_images if args.train_images is not None else base["train_images"],
+        points_per_epoch=args.points_per_epoch
+        if args.points_per_epoch is not None
+        else base["points_per_epoch"],
+        lr_grid=args.lr_grid or (figure1.QUICK_LR_GRID if args.quick else figure1.FULL_LR_GRID),
+        lr={"relu": args.lr_relu, "tanh": args.lr_tanh},
+        device=args.device,
+    )
+
+
+def run_figure1(args) -> int:
+    if not 0 < args.threshold < 1:
+        raise BadInput(f"--threshold {args.threshold} must be between 0 and 1")
+    cfg = figure1_config(args)
+    cfg.device = str(resolve_device(cfg.device))
+    r = figure1.run_figure1(cfg)
+    print(figure1.figure1_markdown(r))
+    print(f"wrote {Path(cfg.out) / 'figure1.png'}, figure1.json, figure1.md", file=sys.stderr)
+    return 0
+
+
+def register_figure1(sub) -> None:
+    p = sub.add_parser(
+        "figure1",
+        help="Figure 1: ReLU vs tanh, epochs to 25%% training error (four-layer conv net)",
+        description=figure1.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        metavar="CIFAR10_DIR",
+        help="CIFAR-10 python batches (default: Fashion-MNIST's IDX files)",
+    )
+    p.add_argument(
+        "--fashion-mnist",
+        default=FASHION_MNIST_DIR,
+        metavar="DIR",
+        help=f"the Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})",
+    )
+    p.add_argument("--out", default="runs/figure1", help="output folder (default runs/figure1)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a few minutes on a 2-core CPU: {figure1.QUICK}, lr grid {figure1.QUICK_LR_GRID}",
+    )
+    p.add_argument("--seeds", type=int, help="runs per activation (full 3, quick 2)")
+    p.add_argument("--epochs", type=int, help="epochs per run (full 40, quick 3)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=figure1.PAPER_THRESHOLD,
+        help="target training error (default 0.25, the paper's)",
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="default 128 (Sec. 5)")
+    p.add_argument(
+        "--train-images",
+        type=int,
+        help="train on a fixed subset of N images (quick: 4000; full: all)",
+    )
+    p.add_argument(
+        "--points-per-epoch", type=int, help="training-error points per epoch (full 5, quick 8)"
+    )
+    p.add_argument(
+        "--lr-grid",
+        type=_floats,
+        metavar="LR,LR,...",
+        help=f"rates searched per activation (full {figure1.FULL_LR_GRID})",
+    )
+    p.add_argument("--lr-relu", type=float, help="fixed ReLU rate (no search)")
+    p.add_argument("--lr-tanh", type=float, help="fixed tanh rate (no search)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.set_defaults(handler=run_figure1)
+
+
+def ablate_config(args) -> ablate.AblateConfig:
+    base = ablate.QUICK if args.quick else ablate.FULL
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]  # noqa: E731
+    return ablate.AblateConfig(
+        out=args.out,
+        data=args.data,
+        profile=args.profile,
+        seeds=pick("seeds"),
+        steps=pick("steps"),
+        batch_size=pick("batch_size"),
+        val_limit=pick("val_limit"),
+        store_limit=pick("store_limit"),
+        only=ablate.parse_only(args.only),
+        sets=tuple(args.set),
+        device=args.device,
+        workers=args.workers,
+        keep_weights=args.keep_weights,
+        quick=args.quick,
+        fast=not args.no_fast,
+    )
+
+
+def run_ablate(args) -> int:
+    cfg = ablate_config(args)
+    try:
+        summary = ablate.run_ablate(cfg)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished runs are kept; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(ablate.ablate_markdown(summary))
+    print(f"wrote {Path(cfg.out) / 'ablate.md'}, ablate.json, ablate.png", file=sys.stderr)
+    return 0
+
+
+def register_ablate(sub) -> None:
+    p = sub.add_parser(
+        "ablate",
+        help="the paper's ablations (LRN, pooling, PCA lighting, dropout, towers, conv3-5)",
+        description=ablate.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data", metavar="STORE", help="a prepared store (default: prepare Fashion-MNIST into OUT)"
+    )
+    p.add_argument("--out", default="runs/ablate", help="output folder (default runs/ablate)")
+    p.add_argument("--profile", default="demo", help="the base recipe (default demo)")
+    p.add_argument("--quick", action="store_true", help=f"minutes on a 2-core CPU: {ablate.QUICK}")
+    p.add_argument("--seeds", type=int, help=f"seeds per row (full {ablate.FULL['seeds']})")
+    p.add_argument(
+        "--steps", type=int, help=f"training steps per run (full {ablate.FULL['steps']})"
+    )
+    p.add_argument("--batch-size", type=int, help="batch size (default 64, quick and full)")
+    p.add_argument(
+        "--val-limit",
+        type=int,
+        help=f"validation (and training-error) images (full {ablate.FULL['val_limit']})",
+    )
+    p.add_argument(
+        "--store-limit",
+        type=int,
+        help="images per split when preparing Fashion-MNIST (quick 2000; full: all)",
+    )
+    p.add_argument(
+        "--only",
+        metavar="ROW,ROW",
+        help="rows besides the baseline: "
+        + ",".join(v.key for v in ablate.VARIANTS[1:])
+        + " (conv = conv3,conv4,conv5)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="an override for every run (as alexnet train --set)",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, help="loader worker processes")
+    p.add_argument(
+        "--keep-weights",
+        action="store_true",
+        help="keep every run's model.safetensors (240 MB each)",
+    )
+    p.add_argument("--no-fast", action="store_true", help="float32, default memory format")
+    p.set_defaults(handler=run_ablate)
+
+
+def recipes_config(args) -> recipes.RecipesConfig:
+    names = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+    for name in names:
+        get_profile(name)  # a clear error for an unknown profile, before any work
+    if args.epochs < 0 or args.control_steps < 1 or args.seeds < 1:
+        raise BadInput("--epochs must be >= 0, --control-steps and --seeds >= 1")
+    return recipes.RecipesConfig(
+        out=args.out,
+        data=args.data,
+        recipes=names if args.epochs > 0 else (),
+        epochs=args.epochs,
+        controls=recipes.parse_controls(args.controls),
+        control_steps=args.control_steps,
+        seeds=args.seeds,
+        margin=args.margin,
+        log_every=args.log_every,
+        device=args.device,
+        workers=args.workers,
+        fast=not args.no_fast,
+        val_limit=args.val_limit,
+        sets=tuple(args.set),
+    )
+
+
+def run_recipes(args) -> int:
+    cfg = recipes_config(args)
+    try:
+        summary = recipes.run_recipes(cfg)
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept; run the same command again to resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    print(recipes.recipes_markdown(summary))
+    print(f"wrote {Path(cfg.out) / 'recipes.md'}, recipes.json, recipes.png", file=sys.stderr)
+    return 0
+
+
+def register_recipes(sub) -> None:
+    p = sub.add_parser(
+        "recipes",
+        help="do the paper's recipes learn? loss curves, the step leaving chance, controls",
+        description=recipes.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", metavar="STORE", help="a prepared store (default: Fashion-MNIST)")
+    p.add_argument("--out", default="runs/recipes", help="output folder (default runs/recipes)")
+    p.add_argument("--recipes", default=",".join(recipes.DEFAULT_RECIPES), help="profiles to train")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per recipe (0: none; default 3)")
+    p.add_argument(
+        "--controls",
+        metavar="KEY,KEY|all",
+        help="short runs from `paper`, one change each: " + ", ".join(recipes.BY_KEY),
+    )
+    p.add_argument("--control-steps", type=int, default=400, help="steps per control (400)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per control (default 2)")
+    p.add_argument("--margin", type=float, default=0.1, help="below ln(classes) by (0.1)")
+    p.add_argument("--log-every", type=int, default=10, help="steps per logged loss (10)")
+    p.add_argument("--val-limit", type=int, help="validation images per epoch (default all)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="an override for every run (as alexnet train --set)",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, help="loader worker processes")
+    p.add_argument("--no-fast", action="store_true", help="float32, default memory format")
+    p.set_defaults(handler=run_recipes)
+
+
+def run_kernels(args) -> int:
+    rep = kernels.run_kernels(args.run, args.out, args.scale)
+    print(kernels.kernels_markdown(rep))
+    return 0
+
+
+def register_kernels(sub) -> None:
+    p = sub.add_parser(
+        "kernels",
+        help="Figure 3: the conv1 kernels (tower A above tower B) and their colour specificity",
+        description=kernels.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN", help="a run folder or a .safetensors weights file")
+    p.add_argument("--out", help="output folder (default: the run folder)")
+    p.add_argument("--scale", type=int, default=4, help="pixels per kernel pixel (default 4)")
+    p.set_defaults(handler=run_kernels)
+
+
+def run_neighbors(args) -> int:
+    device = str(resolve_device(args.device))
+    r = neighbors.run_neighbors(
+        args.run,
+        args.data,
+        args.out,
+        args.images,
+        args.index,
+        args.split,
+        args.k,
+        args.top5,
+        args.train_limit,
+        args.seed,
+        args.batch_size,
+        args.workers,
+        device,
+    )
+    print(neighbors.neighbors_markdown(r))
+    return 0
+
+
+def register_neighbors(sub) -> None:
+    p = sub.add_parser(
+        "neighbors",
+        help="Figure 4: nearest training images in fc7 space (and --top5 predictions)",
+        description=neighbors.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN", help="a run folder or a .safetensors weights file")
+    p.add_argument("--data", required=True, metavar="STORE", help="a prepared store")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--images", type=int, default=5, help="random query images (default 5)")
+    g.add_argument("--index", metavar="I,J,K", help="these query images of --split")
+    p.add_argument("--split", default="val", help="where the queries come from (default val)")
+    p.add_argument("--k", type=int, default=6, help="neighbours per query (default 6, Fig. 4)")
+    p.add_argument("--top5", action="store_true", help="add the top-5 predictions panel")
+    p.add_argument("--train-limit", type=int, help="search only the first N training images")
+    p.add_argument("--seed", type=int, default=0, help="of the random queries")
+    p.add_argument("--out", help="output folder (default: the run folder)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, help="loader worker processes")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.set_defaults(handler=run_neighbors)
+
+
+def run_report(args) -> int:
+    device = str(resolve_device(args.device))
+    page = report.build_report(
+        args.run, args.out, args.data, args.images, args.train_limit or None, device
+    )
+    print(f"wrote {page}")
+    return 0
+
+
+def register_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page for a run (curves, errors, kernels, neighbours)",
+        description=report.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN", help="a run folder (alexnet train --out RUN)")
+    p.add_argument("--out", metavar="FILE.html", help="the page (default RUN/report.html)")
+    p.add_argument(
+        "--data",
+        metavar="STORE",
+        help="store for the neighbours (default: the run's, if it still exists)",
+    )
+    p.add_argument("--images", type=int, default=4, help="query images for the neighbours")
+    p.add_argument(
+        "--train-limit",
+        type=int,
+        default=2000,
+        help="training images searched for neighbours (default 2000; 0: all)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.set_defaults(handler=run_report)

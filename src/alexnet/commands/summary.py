@@ -1,0 +1,65 @@
+"""`alexnet summary` and `alexnet profiles`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from alexnet.config import PROFILES, profile_differences
+from alexnet.summary import summarize
+
+
+def run_summary(args) -> int:
+    s = summarize(args.profile, args.input, args.num_classes)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    size = "x".join(map(str, s["input"]))
+    print(f"profile {s['profile']}, input {size}, {s['num_classes']} classes")
+    print(f"{'layer':<10} {'output':>14} {'params':>13} {'mult-adds':>15}")
+    for r in s["layers"]:
+        shape = "x".join(map(str, r["output"]))
+        print(f"{r['layer']:<10} {shape:>14} {r['params']:>13,} {r['macs']:>15,}")
+    print(f"{'total':<10} {'':>14} {s['total_params']:>13,} {s['total_macs']:>15,}")
+    return 0
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, tuple):
+        inner = [f"({_fmt(x)})" if isinstance(x, tuple) else _fmt(x) for x in v]
+        return ",".join(inner) or "-"
+    return str(v)
+
+
+def run_profiles(args) -> int:
+    names = list(PROFILES)
+    rows = profile_differences(names)
+    if args.json:
+        table = {k: dict(zip(names, vs, strict=True)) for k, vs in rows}
+        print(json.dumps(table, indent=2, default=str))
+        return 0
+    cells = [[k] + [_fmt(v) for v in vs] for k, vs in rows]
+    header = ["value"] + names
+    widths = [max(len(str(r[i])) for r in [header, *cells]) for i in range(len(header))]
+    for r in [header, ["-" * w for w in widths], *cells]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+    print()
+    for n in names:
+        print(f"{n}: {PROFILES[n].description}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("summary", help="per-layer output shapes, parameters and multiply-adds")
+    p.add_argument("--profile", default="paper", help=f"one of {', '.join(PROFILES)}")
+    p.add_argument("--input", type=int, default=None, help="input side (default: the profile's)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument(
+        "--json", action="store_true", help="print JSON (layers, total_params, total_macs)"
+    )
+    p.set_defaults(handler=run_summary)
+    p = sub.add_parser("profiles", help="a table of every value on which the profiles differ")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=run_profiles)

@@ -1,0 +1,141 @@
+"""What a training run shows and records: metrics.jsonl, TensorBoard, the progress bar, the
+printed lines and curves.png. Only the main process (rank 0) writes.
+
+metrics.jsonl holds one JSON object per logged step ({"kind": "step", "step", "epoch", "loss",
+"lr", "images_per_s"}) and per epoch ({"kind": "epoch", "epoch", "val_top1_error", ...}). A
+resumed run first cuts it back to the checkpoint it resumes (`truncate`): what was logged after
+the checkpoint will be logged again. TensorBoard's event files are cut back alike (its
+`purge_step`), so a re-run step is not drawn twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from alexnet.errors import BadInput
+from alexnet.fileio import write_text
+from alexnet.plots import plot_curves
+
+
+def read_metrics(path: str | Path, drop_torn_tail: bool = False) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. An unparsable last line (a write cut short by a power
+    loss or a full disk) is dropped with a warning when `drop_torn_tail`; any other unparsable
+    line is an error naming the file and the line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            if not isinstance(r, dict) or "kind" not in r:
+                raise ValueError("not a metrics record")
+        except ValueError:
+            if drop_torn_tail and all(not x.strip() for x in lines[i + 1 :]):
+                warnings.warn(f"{path}: dropped a torn last line ({line[:40]!r}...)", stacklevel=2)
+                break
+            raise BadInput(f"{path}, line {i + 1}: not a metrics record ({line[:60]!r})") from None
+        records.append(r)
+    return records
+
+
+class RunLog:
+    """The observability of one run (see the module docstring). `main`: rank 0, which writes."""
+
+    def __init__(self, out: Path, main: bool = True, bars: bool | None = None):
+        self.out, self.main = Path(out), main
+        self.bars = main and (sys.stderr.isatty() if bars is None else bars)
+        self.tb = None
+        self.metrics = self.out / "metrics.jsonl"
+
+    def open(self, step: int = 0) -> None:
+        """TensorBoard from `step` on (earlier events of a longer, interrupted run are purged)."""
+        if not self.main:
+            return
+        self.tb = SummaryWriter(str(self.out), purge_step=step if step > 0 else None)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+    def truncate(self, epochs_done: int, step: int) -> None:
+        """Drop what was logged after the checkpoint being resumed: it will run again."""
+        if not self.main or not self.metrics.exists():
+            return
+
+        def before(r: dict) -> bool:
+            if r["kind"] == "epoch":
+                return r["epoch"] <= epochs_done
+            return r["step"] <= step
+
+        keep = [r for r in read_metrics(self.metrics, drop_torn_tail=True) if before(r)]
+        write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def _append(self, rec: dict[str, Any]) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def bar(self, total: int, initial: int, desc: str):
+        """A tqdm bar on a terminal, else None (then step() prints a line per logged step)."""
+        if not self.bars:
+            return None
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+    def step(self, rec: dict[str, Any], bar) -> None:
+        if not self.main:
+            return
+        self._append(rec)
+        step, loss, lr, rate = rec["step"], rec["loss"], rec["lr"], rec["images_per_s"]
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", loss, step)
+            self.tb.add_scalar("train/lr", lr, step)
+            self.tb.add_scalar("train/images_per_s", rate, step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2g}", img_s=f"{rate:.0f}")
+        else:
+            print(
+                f"epoch {rec['epoch']:.3f} step {step} loss {loss:.4f} lr {lr:.3g} "
+                f"{rate:.1f} img/s",
+                flush=True,
+            )
+
+    def epoch(self, rec: dict[str, Any], at_chance: bool) -> None:
+        if not self.main:
+            return
+        self._append(rec)
+        epoch = rec["epoch"]
+        if self.tb is not None:
+            for k in ("val_loss", "val_top1_error", "val_top5_error"):
+                self.tb.add_scalar(f"val/{k[4:]}", rec[k], epoch)
+            self.tb.add_scalar("val/at_chance", float(at_chance), epoch)
+            if rec.get("warning"):
+                self.tb.add_text("warning", rec["warning"], epoch)
+        print(
+            f"epoch {epoch}: val top-1 error {rec['val_top1_error']:.2%}, "
+            f"top-5 {rec['val_top5_error']:.2%}, loss {rec['val_loss']:.4f}"
+            + ("  (lr divided by 10)" if rec["lr_dropped"] else ""),
+            flush=True,
+        )
+        if rec.get("warning"):
+            print(f"WARNING: {rec['warning']}", file=sys.stderr, flush=True)
+        plot_curves(read_metrics(self.metrics), self.out / "curves.png")
+
+    def epoch_train_loss(self, epoch: int) -> float | None:
+        """The mean of the logged training losses of epoch `epoch` (1-based)."""
+        vals = [
+            r["loss"]
+            for r in read_metrics(self.metrics)
+            if r.get("kind") == "step" and epoch - 1 < r["epoch"] <= epoch
+        ]
+        return sum(vals) / len(vals) if vals else None
