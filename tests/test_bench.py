@@ -42,7 +42,7 @@ def test_quick_json_structure(quick_result):
     m = r["machine"]
     assert m["cores"] >= 1 and m["torch"] and m["date"] and m["cpu"]
     assert r["peak_gflops"]["fp32"] > 0
-    # The facts file's forward multiply-adds (1000 classes): 724M (two towers), 714M (torchvision).
+    # docs/facts.md's forward multiply-adds (1000 classes): 724M (two towers), 714M (torchvision).
     assert r["forward_gflops_per_image"]["paper"] == pytest.approx(2 * 0.7244, rel=2e-3)
     assert r["forward_gflops_per_image"]["torchvision"] == pytest.approx(2 * 0.7142, rel=2e-3)
 

@@ -11,7 +11,7 @@ import pytest
 from alexnet.experiments import ablate as A
 
 ROWS = ["baseline", "lrn", "pool", "lighting", "dropout", "towers", "conv3", "conv4", "conv5"]
-# The paper's deltas (alexnet-facts.md), variant minus baseline, in points of top-1 / top-5.
+# The paper's deltas (docs/facts.md), variant minus baseline, in points of top-1 / top-5.
 PAPER = {"lrn": ("+1.4", "+1.2"), "pool": ("+0.4", "+0.3"), "towers": ("+1.7", "+1.2")}
 
 # What each row changes in the recipe (section, field, value), as config.json records it.

@@ -14,7 +14,7 @@ import torch
 from alexnet import lrn
 from alexnet.lrn import ResponseNorm, SpatialResponseNorm, local_response_norm
 
-# (k, alpha, n, beta) of each profile (../shared/alexnet-facts.md): the paper as printed, the
+# (k, alpha, n, beta) of each profile (docs/facts.md): the paper as printed, the
 # 2012 code (alpha = scale / size), Caffe (k = 1, alpha / local_size).
 PROFILES = {
     "paper": (2.0, 1e-4, 5, 0.75),

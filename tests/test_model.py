@@ -1,4 +1,4 @@
-"""The network against the numbers of ../shared/alexnet-facts.md and independent references."""
+"""The network against the numbers of docs/facts.md and independent references."""
 
 import json
 
@@ -11,7 +11,7 @@ from alexnet.model import build_model
 
 TWO_TOWER = ["paper", "cuda-convnet", "caffe"]
 
-# Figure 2 / the facts file: output shapes for a 224 input (Caffe: 227 gives the same).
+# Figure 2 / docs/facts.md: output shapes for a 224 input (Caffe: 227 gives the same).
 PAPER_SHAPES = {
     "conv1": (96, 55, 55),
     "pool1": (96, 27, 27),
@@ -31,7 +31,7 @@ def count(model):
 def test_parameter_counts_match_the_facts():
     assert count(build_model("paper", num_classes=1000)) == 60_965_224
     assert count(build_model("torchvision", num_classes=1000)) == 61_100_840
-    # The same count computed by hand from the layer table of the facts file.
+    # The same count computed by hand from the layer table of docs/facts.md.
     by_hand = (
         96 * (3 * 11 * 11 + 1)
         + 256 * (48 * 5 * 5 + 1)

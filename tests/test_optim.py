@@ -407,7 +407,7 @@ def test_plateau_rule_waits_while_the_net_is_at_chance():
     got = [sched.on_validation(e, err) for e, err in [(8, 0.5), (9, 0.5), (10, 0.5), (11, 0.5)]]
     assert got == [False, False, False, True] and not sched.at_chance
     assert sched.drops == [11]
-    # Without a chance level the rule is armed from the start (as before issue 10).
+    # Without a chance level the rule is armed from the start (a schedule without a class count).
     old = LRSchedule(train, steps_per_epoch=10)
     assert [old.on_validation(e, 0.9) for e in (1, 2, 3, 4)] == [False, False, False, True]
     # The state survives a checkpoint.

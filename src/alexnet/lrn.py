@@ -7,7 +7,7 @@ maps only (the towers communicate only at conv3 and the FC layers).
 
 Why not torch.nn.LocalResponseNorm: it builds the window sum with avg_pool3d over a padded copy
 and lets autograd keep and differentiate every intermediate; here that took half of the training
-step (../shared/alexnet-facts.md, "Throughput references"). This module differentiates by hand,
+step (docs/facts.md, "Throughput references"). This module differentiates by hand,
 with the closed-form gradient
 
     d loss / d a[i] = g[i] s[i] - 2 alpha beta a[i] sum_{j in win(i)} g[j] a[j] s[j] / D[j]

@@ -14,6 +14,35 @@ from alexnet.errors import BadInput
 from alexnet.experiments import ablate, figure1, kernels, neighbors, recipes, report
 
 
+def _training_options(p: argparse.ArgumentParser) -> None:
+    """The options of the experiments that train networks (as `alexnet train`'s)."""
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="an override for every run (as alexnet train --set)",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, help="loader worker processes")
+    p.add_argument("--no-fast", action="store_true", help="float32, default memory format")
+
+
+def _resumable(run, cfg, markdown, name: str) -> int:
+    """Run an experiment of many trainings; Ctrl-C keeps what is done (a rerun resumes)."""
+    try:
+        summary = run(cfg)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished runs are kept; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(markdown(summary))
+    print(f"wrote {Path(cfg.out) / name}.md, {name}.json, {name}.png", file=sys.stderr)
+    return 0
+
+
 def register(sub) -> None:
     for add in (register_figure1, register_ablate, register_recipes, register_kernels,
                 register_neighbors, register_report):  # fmt: skip
@@ -139,18 +168,7 @@ def ablate_config(args) -> ablate.AblateConfig:
 
 
 def run_ablate(args) -> int:
-    cfg = ablate_config(args)
-    try:
-        summary = ablate.run_ablate(cfg)
-    except KeyboardInterrupt:
-        print(
-            "interrupted: finished runs are kept; run the same command again to resume",
-            file=sys.stderr,
-        )
-        return 130
-    print(ablate.ablate_markdown(summary))
-    print(f"wrote {Path(cfg.out) / 'ablate.md'}, ablate.json, ablate.png", file=sys.stderr)
-    return 0
+    return _resumable(ablate.run_ablate, ablate_config(args), ablate.ablate_markdown, "ablate")
 
 
 def register_ablate(sub) -> None:
@@ -189,20 +207,11 @@ def register_ablate(sub) -> None:
         + " (conv = conv3,conv4,conv5)",
     )
     p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="an override for every run (as alexnet train --set)",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, help="loader worker processes")
-    p.add_argument(
         "--keep-weights",
         action="store_true",
         help="keep every run's model.safetensors (240 MB each)",
     )
-    p.add_argument("--no-fast", action="store_true", help="float32, default memory format")
+    _training_options(p)
     p.set_defaults(handler=run_ablate)
 
 
@@ -232,15 +241,7 @@ def recipes_config(args) -> recipes.RecipesConfig:
 
 def run_recipes(args) -> int:
     cfg = recipes_config(args)
-    try:
-        summary = recipes.run_recipes(cfg)
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are kept; run the same command again to resume",
-              file=sys.stderr)  # fmt: skip
-        return 130
-    print(recipes.recipes_markdown(summary))
-    print(f"wrote {Path(cfg.out) / 'recipes.md'}, recipes.json, recipes.png", file=sys.stderr)
-    return 0
+    return _resumable(recipes.run_recipes, cfg, recipes.recipes_markdown, "recipes")
 
 
 def register_recipes(sub) -> None:
@@ -264,16 +265,7 @@ def register_recipes(sub) -> None:
     p.add_argument("--margin", type=float, default=0.1, help="below ln(classes) by (0.1)")
     p.add_argument("--log-every", type=int, default=10, help="steps per logged loss (10)")
     p.add_argument("--val-limit", type=int, help="validation images per epoch (default all)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="an override for every run (as alexnet train --set)",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, help="loader worker processes")
-    p.add_argument("--no-fast", action="store_true", help="float32, default memory format")
+    _training_options(p)
     p.set_defaults(handler=run_recipes)
 
 

@@ -305,7 +305,7 @@ def summarise(cfg: RecipesConfig, store, results) -> dict[str, Any]:
         (rs[0] for rs in results["controls"].values()), None
     )
     return {
-        "experiment": "do the paper's recipes learn? (issue 10)",
+        "experiment": "do the paper's recipes learn?",
         "store": Path(store.path).name,
         "store_train_images": store.size("train"),
         "classes": store.num_classes,

@@ -1,0 +1,123 @@
+"""What every image source lists: the items of each split in store order, their labels, and
+how one item is read (`Source`, `Split`), plus the folder-tree helpers the sources share."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from alexnet.errors import BadInput
+
+VAL_NAMES = ("val", "validation", "valid")
+
+
+@dataclass
+class Split:
+    refs: list  # one reference per item, understood by Source.read
+    labels: np.ndarray  # int64
+
+
+@dataclass
+class Source:
+    kind: str
+    root: Path
+    classes: list[str]
+    class_names: list[str]
+    splits: dict[str, Split]
+    gray: bool = False  # every image is grey: the store keeps one channel
+    description: str = ""
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # for array sources
+    files: list[str] = field(default_factory=list)  # source files whose checksum to record
+
+    def read(self, ref) -> tuple[object, str, bytes | None]:
+        """(image source for images.paper_image, a name for reports, the raw bytes or None)."""
+        if self.kind in ("fashion-mnist", "cifar10"):
+            array, i = ref
+            img = self.arrays[array][i]
+            return img, f"{array}[{i}]", img.tobytes()
+        if isinstance(ref, tuple):  # (tar file, offset, size, member name)
+            tar, offset, size, member = ref
+            with open(self.root / tar, "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+            return data, f"{tar}:{member}", data
+        with open(self.root / ref, "rb") as f:
+            data = f.read()
+        return data, ref, data
+
+    def listing_digest(self) -> str:
+        """sha256 of what is listed: split, item, label (not the contents)."""
+        h = hashlib.sha256()
+        for name, split in self.splits.items():
+            for ref, label in zip(split.refs, split.labels.tolist(), strict=True):
+                h.update(f"{name}\t{ref}\t{label}\n".encode())
+        return h.hexdigest()
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def image_files(folder: Path) -> list[str]:
+    """Every non-hidden regular file under `folder`, recursively (as ImageFolder), sorted, as
+    paths relative to `folder`. Non-image files are kept: prepare skips and reports them."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(folder)
+        for fn in filenames:
+            if not fn.startswith("."):
+                out.append(str(rel / fn) if str(rel) != "." else fn)
+    return sorted(out)
+
+
+def subdirs(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def class_tree(folder: Path, classes: list[str] | None = None) -> tuple[list[str], Split]:
+    """An ImageFolder tree: one subfolder per class. Empty class folders are errors."""
+    found = subdirs(folder)
+    if classes is None:
+        classes = found
+    else:
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise BadInput(
+                f"{folder} has class folders that the training split lacks: {', '.join(extra[:5])}"
+            )
+    refs, labels = [], []
+    for k, c in enumerate(classes):
+        if c not in found:
+            continue
+        files = image_files(folder / c)
+        if not files:
+            raise BadInput(f"class folder {folder / c} is empty: remove it or add its images")
+        base = folder.name + "/" + c
+        refs += [f"{base}/{f}" for f in files]
+        labels += [k] * len(files)
+    return classes, Split(refs, np.asarray(labels, dtype=np.int64))
+
+
+def _rel(split: Split, prefix: str) -> Split:
+    return Split([f"{prefix}/{r}" if prefix else r for r in split.refs], split.labels)
+
+
+def split_by_fraction(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """A fixed, stratified split: in each class round(n * fraction) images, chosen by a
+    permutation seeded with `seed`, go to val; both parts keep store (listing) order."""
+    if not 0.0 < fraction < 1.0:
+        raise BadInput(f"--val-fraction must be between 0 and 1, got {fraction}")
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(split.refs), dtype=bool)
+    for c in np.unique(split.labels):
+        members = np.flatnonzero(split.labels == c)
+        n_val = int(round(len(members) * fraction))
+        is_val[rng.permutation(members)[:n_val]] = True
+    pick = lambda mask: Split(  # noqa: E731
+        [r for r, m in zip(split.refs, mask, strict=True) if m], split.labels[mask]
+    )
+    return pick(~is_val), pick(is_val)
