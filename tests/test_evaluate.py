@@ -148,3 +148,109 @@ def test_import_torchvision_rejects_foreign_files(tmp_path):
     assert cli_main(["import-torchvision", str(tmp_path / "x.pth"), str(tmp_path / "o")]) == 2
     torch.save({"a": torch.zeros(1)}, tmp_path / "y.pth")
     assert cli_main(["import-torchvision", str(tmp_path / "y.pth"), str(tmp_path / "o")]) == 2
+
+
+def _weights(tiny_store, folder, seed, classes=None):
+    """A randomly initialised paper net's weights file (3 classes), another seed each."""
+    store = data.open_store(tiny_store)
+    torch.manual_seed(seed)
+    model = build_model("paper", num_classes=3)
+    with torch.no_grad():
+        model.fc8.weight.mul_(3)  # a softmax far from uniform
+    tensors = dict(model.state_dict())
+    tensors.update(stats_tensors(store.stats))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.safetensors"
+    meta = weights_metadata(get_profile("paper"), classes or store.classes)
+    checkpoint.save_weights(path, tensors, meta)
+    return path
+
+
+def test_ensemble_is_the_average_of_softmaxes_over_views_then_networks(tiny_store, tmp_path):
+    """Sec. 6's ensemble: per network the softmax averaged over the ten views (Sec. 4.1), then
+    the mean over networks, computed here independently in float64 from the stored images."""
+    from alexnet.evaluate import evaluate_networks
+
+    nets = [_weights(tiny_store, tmp_path / f"n{s}", s) for s in (1, 2)]
+    r = evaluate_networks(nets, tiny_store, views=10, fast=False, workers=0, batch_size=4)
+    store = data.open_store(tiny_store)
+    y = torch.from_numpy(store.labels("val"))
+    per_net = []
+    for path in nets:
+        model = load_model(path).model
+        rows = []
+        with torch.no_grad():
+            for i in range(store.size("val")):
+                img = store.image("val", i).astype(np.float64) - store.stats.mean_image
+                views = data.ten_crop(torch.from_numpy(img).permute(2, 0, 1).float(), 224)
+                rows.append(model(views).softmax(1).double().mean(0))
+        per_net.append(torch.stack(rows))
+    probs = (per_net[0] + per_net[1]) / 2
+    e = r["ensemble"]
+    assert e["networks"] == 2 and e["images"] == len(y) == 12 and r["views"] == 10
+    assert e["top1_error"] == pytest.approx((probs.argmax(1) != y).double().mean().item())
+    assert e["top5_error"] == 0.0  # 3 classes
+    nll = -torch.log(probs[torch.arange(len(y)), y]).mean().item()
+    assert e["loss"] == pytest.approx(nll, rel=1e-5)
+    # Each member is reported on its own, with its own figures.
+    for m, p in zip(r["members"], per_net, strict=True):
+        assert m["top1_error"] == pytest.approx((p.argmax(1) != y).double().mean().item())
+        assert m["loss"] == pytest.approx(-torch.log(p[torch.arange(len(y)), y]).mean().item(),
+                                          rel=1e-5)  # fmt: skip
+    assert r["top1_error"] == e["top1_error"] and r["memory"] == "one network resident at a time"
+    # The ensemble is neither of its members.
+    assert all(abs(e["loss"] - m["loss"]) > 1e-4 for m in r["members"])
+
+
+def test_ensemble_refuses_networks_with_other_class_names(tiny_store, tmp_path, capsys):
+    a = _weights(tiny_store, tmp_path / "a", 1)
+    b = _weights(tiny_store, tmp_path / "b", 2, classes=["circle", "square", "zigzag"])
+    rc = cli_main(["evaluate", str(a), str(b), "--data", str(tiny_store), "--workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "share their classes" in err and "zigzag" in err and str(b) in err
+    rc = cli_main(["predict", str(a), str(b), str(tmp_path / "x.png")])
+    assert rc == 2
+
+
+def test_predict_with_an_ensemble_averages_softmaxes(tiny_store, tmp_path, capsys):
+    from alexnet.evaluate import predict_networks
+
+    store = data.open_store(tiny_store)
+    img = tmp_path / "img.png"
+    Image.fromarray(store.image("val", 0)).save(img)
+    nets = [_weights(tiny_store, tmp_path / f"n{s}", s) for s in (1, 2)]
+    got = predict_networks(nets, [str(img), str(tmp_path / "missing.png")], topk=3, views=10)
+    probs = []
+    for path in nets:
+        loaded = load_model(path)
+        x = data.preprocess(str(img), loaded.profile.data, loaded.stats, views=10)
+        with torch.no_grad():
+            probs.append(loaded.model(x).softmax(1).double().mean(0))
+    mean = (probs[0] + probs[1]) / 2
+    expect = [store.classes[i] for i in mean.argsort(descending=True).tolist()]
+    assert [p["class"] for p in got[0]["predictions"]] == expect
+    for p in got[0]["predictions"]:
+        assert p["probability"] == pytest.approx(mean[store.classes.index(p["class"])].item(),
+                                                 abs=1e-6)  # fmt: skip
+    assert len(got[0]["members"]) == 2 and got[1]["error"] == "no such file"
+    # The command: networks first, then images.
+    assert cli_main(["predict", str(nets[0]), str(nets[1]), str(img), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["predictions"][0]["class"] == expect[0]
+
+
+@pytest.mark.slow
+def test_evaluate_without_data_uses_the_runs_store(reference_run, tiny_store, tmp_path, capsys):
+    assert cli_main(["evaluate", str(reference_run), "--json", "--workers", "0"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["data"] == str(tiny_store.resolve()) and r["images"] == 12
+    cfg = json.loads((reference_run / "config.json").read_text())
+    cfg["derived"]["store"] = str(tmp_path / "gone")
+    cfg["run"]["data"] = str(tmp_path / "gone")
+    moved = tmp_path / "run"
+    moved.mkdir()
+    (moved / "config.json").write_text(json.dumps(cfg))
+    (moved / "model.safetensors").write_bytes((reference_run / "model.safetensors").read_bytes())
+    assert cli_main(["evaluate", str(moved)]) == 2
+    assert "no longer there" in capsys.readouterr().err

@@ -403,3 +403,36 @@ def test_demo_recipe_keeps_the_papers_network():
     )
     n = sum(p.numel() for p in build_model("demo", num_classes=1000).parameters())
     assert n == 60_965_224
+
+
+def test_conv6_variant_shapes_and_count_by_hand():
+    """Sec. 6's "1 CNN*" (docs/facts.md, our choice of shape): 256 kernels 3x3 over each tower's
+    own 128 pooled 6x6 maps, pad 1, ReLU; fc6 keeps 9216 inputs. Counted by hand: 256 kernels of
+    128 x 3 x 3 weights plus 256 biases; multiply-adds 256 x 6 x 6 outputs x 128 x 3 x 3."""
+    from alexnet.summary import summarize
+
+    extra_params = 256 * (128 * 3 * 3) + 256
+    extra_macs = 256 * 6 * 6 * (128 * 3 * 3)
+    assert (extra_params, extra_macs) == (295_168, 10_616_832)
+    net = build_model("paper", num_classes=1000, conv6=True)
+    assert count(net) == 60_965_224 + extra_params
+    assert net.conv6.weight.shape == (256, 128, 3, 3) and net.fc6.weight.shape == (4096, 9216)
+    shapes = {}
+    net.conv6.register_forward_hook(lambda _m, _i, out: shapes.__setitem__("c6", out[0].shape))
+    with torch.no_grad():
+        assert net.eval()(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
+    assert tuple(shapes["c6"]) == (1, 256, 6, 6)
+    # Grouped: kernel i of tower A sees only tower A's maps (changing tower B's input leaves
+    # tower A's conv6 outputs alone).
+    x = torch.randn(2, 256, 6, 6)
+    y = net.conv6([x])[0]
+    x2 = x.clone()
+    x2[:, 128:] += 1.0
+    y2 = net.conv6([x2])[0]
+    assert torch.equal(y[:, :128], y2[:, :128]) and not torch.equal(y[:, 128:], y2[:, 128:])
+    s = summarize("paper", conv6=True)
+    row = next(r for r in s["layers"] if r["layer"] == "conv6")
+    assert row == {"layer": "conv6", "output": [256, 6, 6], "params": extra_params,
+                   "macs": extra_macs}  # fmt: skip
+    assert s["total_params"] == 60_965_224 + extra_params
+    assert s["total_macs"] == 724_406_816 + extra_macs

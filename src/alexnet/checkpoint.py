@@ -112,21 +112,27 @@ def _read_weights_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state_dict on the CPU, metadata) of a file written by save_weights. Never runs code."""
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a weights file written by save_weights, read from its header alone."""
     path = Path(path)
-    header = _read_weights_header(path)
-    meta = header.get("__metadata__") or {}
+    meta = _read_weights_header(path).get("__metadata__") or {}
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt is None:
         raise _bad(path, 'a file without a "format" metadata key: not alexnet weights')
     if fmt != WEIGHTS_FORMAT:
         raise _bad(path, f"unsupported format {fmt!r} (expected {WEIGHTS_FORMAT!r})")
+    return dict(meta)
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state_dict on the CPU, metadata) of a file written by save_weights. Never runs code."""
+    path = Path(path)
+    meta = read_metadata(path)
     try:
         state = st_load_file(path, device="cpu")
     except Exception as e:  # safetensors' own checks (bad offsets, dtypes, ...)
         raise _bad(path, f"corrupt safetensors file ({str(e).splitlines()[0]})") from None
-    return state, dict(meta)
+    return state, meta
 
 
 @dataclass

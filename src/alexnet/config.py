@@ -18,12 +18,17 @@ from typing import Any
 
 from alexnet.errors import BadInput
 
-LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")  # Figure 2
+# Sec. 6: "one CNN with an extra sixth convolutional layer over the last pooling layer" (the
+# paper's "1 CNN*"); optional (ModelConfig.conv6), so old configurations need no value for it.
+OPTIONAL_LAYERS = ("conv6",)
 
 
 def _per_layer(default: float, **values: float) -> dict[str, float]:
+    """A value per weighted layer; conv6 takes conv5's unless given (the layer it follows)."""
     out = {name: default for name in LAYERS}
     out.update(values)
+    out.setdefault("conv6", out["conv5"])
     return out
 
 
@@ -68,6 +73,10 @@ class ModelConfig:
     dropout_style: str = "classic"
     towers: int = 2  # Sec. 3.2: two towers; 1 = the one-GPU comparison net (half conv kernels)
     drop_conv: int | None = None  # Sec. 3 end: remove conv3, conv4 or conv5 (about 2% worse)
+    # Sec. 6's "1 CNN*": an extra conv layer over the last pooling layer. The paper gives no
+    # shape; ours (docs/facts.md): 256 kernels 3x3, pad 1, each tower over its own 128 pooled
+    # 6x6 maps, then ReLU and no pooling, so fc6 keeps its 9216 inputs.
+    conv6: bool = False
     # Sec. 5: weights N(0, 0.01) everywhere; biases 1 in conv2, conv4, conv5, fc6, fc7.
     init_std: dict[str, float] = field(default_factory=lambda: _per_layer(0.01))
     init_bias: dict[str, float] = field(
@@ -233,7 +242,7 @@ TORCHVISION = Profile(
 # change in config.json and the README explains each.
 _FAN_IN = {
     "conv1": 3 * 11 * 11, "conv2": 48 * 5 * 5, "conv3": 256 * 3 * 3, "conv4": 192 * 3 * 3,
-    "conv5": 192 * 3 * 3, "fc6": 256 * 6 * 6, "fc7": 4096,
+    "conv5": 192 * 3 * 3, "conv6": 128 * 3 * 3, "fc6": 256 * 6 * 6, "fc7": 4096,
 }  # fmt: skip
 DEMO = Profile(
     name="demo",
@@ -482,8 +491,13 @@ def check_profile(profile: Profile) -> Profile:
         _check_section(flat, section)
     for what in ("init_std", "init_bias"):
         values = getattr(profile.model, what)
-        if not isinstance(values, dict) or set(values) != set(LAYERS):
-            raise BadInput(f"model.{what} must give a value for each of {', '.join(LAYERS)}")
+        needed = set(LAYERS) | ({"conv6"} if profile.model.conv6 else set())
+        if not isinstance(values, dict) or not needed <= set(values) <= needed | set(
+            OPTIONAL_LAYERS
+        ):
+            raise BadInput(
+                f"model.{what} must give a value for each of {', '.join(sorted(needed))}"
+            )
         for name, v in values.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise BadInput(f"model.{what}[{name!r}]={v!r} must be a finite number")

@@ -24,6 +24,7 @@ from alexnet.checkpoint import Preprocess
 from alexnet.config import Profile, get_profile, profile_from_dict
 from alexnet.data import make_eval_loader, open_store, preprocess, spread_indices
 from alexnet.errors import BadInput, NotFound
+from alexnet.fileio import read_json
 from alexnet.model import build_model
 from alexnet.speed import FastMode, autocast, default_fast_mode, prepare_model
 
@@ -72,6 +73,7 @@ def evaluate_model(
     progress: bool = False,
     total: int | None = None,
     num_classes: int | None = None,
+    keep_probs: bool = False,
 ) -> dict[str, Any]:
     """Top-1/top-5 error and loss over a loader of (images, labels).
 
@@ -79,6 +81,8 @@ def evaluate_model(
     the loss is the negative log of the averaged probability of the true class.
     With `num_classes`, also per-class top-1 errors. `total`: the images expected, for the
     progress bar (a subset is the loader's business: make_eval_loader's `limit`).
+    keep_probs: also "probs", float32 (N, classes), each image's softmax averaged over its
+    views, and "labels" (N,), in the loader's order (what an ensemble averages, Sec. 6).
     """
     mode = mode or FastMode()
     was_training = model.training
@@ -92,6 +96,7 @@ def evaluate_model(
     bar = None
     if progress:
         bar = tqdm(total=total, unit="img", desc="evaluate", dynamic_ncols=True)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         b = x.shape[0]
@@ -118,6 +123,9 @@ def evaluate_model(
             per_class_n += torch.bincount(y.cpu(), minlength=num_classes)
             per_class_wrong += torch.bincount(y[~hit1].cpu(), minlength=num_classes)
         n += b
+        if keep_probs:
+            p = probs if views > 1 else logits.softmax(1)
+            kept.append((p.cpu(), y.cpu()))
         if bar is not None:
             bar.update(b)
     if bar is not None:
@@ -136,6 +144,9 @@ def evaluate_model(
         "top5_error": 1 - top5 / n,
         "loss": loss_sum / n,
     }
+    if keep_probs:
+        out["probs"] = torch.cat([p for p, _ in kept])
+        out["labels"] = torch.cat([y for _, y in kept])
     if per_class_n is not None:
         out["per_class_top1_error"] = (per_class_wrong / per_class_n.clamp_min(1)).tolist()
         out["per_class_images"] = per_class_n.tolist()
@@ -154,6 +165,7 @@ def evaluate_store(
     per_class: bool = False,
     fast: bool = True,
     progress: bool = False,
+    keep_probs: bool = False,
 ) -> dict[str, Any]:
     """`evaluate_model` of a loaded model on a split of a prepared store, with the model's own
     preprocessing (its profile's views, the statistics saved with its weights' store).
@@ -190,17 +202,131 @@ def evaluate_store(
         progress=progress,
         total=len(spread_indices(store.size(split), limit)),
         num_classes=len(loaded.classes) if per_class else None,
+        keep_probs=keep_probs,
     )
     r.update({"weights": str(loaded.path), "data": str(data), "split": split, "mode": mode.label})
     return r
 
 
-def predict_images(
-    loaded: LoadedModel, paths: list[str], topk: int = 5, views: int = 1, device="cpu"
-):
-    """[{path, predictions: [{class, probability}]} or {path, error}] in the order given."""
-    results = []
-    k = min(topk, len(loaded.classes))
+def recorded_store(run_or_weights: str | Path) -> Path:
+    """The store a run was trained on (its config.json records it), for `evaluate RUN` without
+    --data; a clear error when it is not recorded or no longer there."""
+    run = Path(run_or_weights)
+    cfg = read_json(run / "config.json") if run.is_dir() else None
+    if cfg is None:
+        raise BadInput(
+            f"{run}: no run folder with a config.json that records its store: give --data STORE"
+        )
+    store = (cfg.get("derived") or {}).get("store") or (cfg.get("run") or {}).get("data")
+    if not store or not (Path(store) / "manifest.json").exists():
+        raise NotFound(
+            f"{run} was trained on the store {store}, which is no longer there: give --data STORE"
+        )
+    return Path(store)
+
+
+def read_classes(run_or_weights: str | Path) -> list[str]:
+    """The class names a weights file (or a run's) carries, read from its header alone."""
+    path = weights_path(run_or_weights)
+    meta = checkpoint.read_metadata(path)
+    try:
+        return list(json.loads(meta["classes"]))
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise BadInput(f"{path}: weights without this program's class names") from None
+
+
+def check_same_classes(members: list[str | Path]) -> list[str]:
+    """The class names all members share; BadInput naming the first that differs."""
+    first = read_classes(members[0])
+    for m in members[1:]:
+        other = read_classes(m)
+        if other != first:
+            diff = next(
+                (i for i, (a, b) in enumerate(zip(first, other, strict=False)) if a != b), None
+            )
+            why = (
+                f"{len(other)} classes against {len(first)}"
+                if len(other) != len(first)
+                else f"class {diff} is {other[diff]!r} there, {first[diff]!r} in {members[0]}"
+            )
+            raise BadInput(f"{m}: an ensemble's networks must share their classes ({why})")
+    return first
+
+
+def _metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1/top-5 error and loss (-log p of the true class) of averaged probabilities."""
+    k = min(5, probs.shape[1])
+    topk = probs.topk(k, 1).indices
+    n = len(labels)
+    p_true = probs.gather(1, labels[:, None]).clamp_min(1e-12).double()
+    return {
+        "images": n,
+        "top1_error": 1 - int((topk[:, 0] == labels).sum()) / n,
+        "top5_error": 1 - int((topk == labels[:, None]).any(1).sum()) / n,
+        "loss": float(-p_true.log().sum()) / n,
+    }
+
+
+def evaluate_networks(
+    members: list[str | Path],
+    data: str | Path | None = None,
+    split: str = "val",
+    views: int = 1,
+    **kw: Any,
+) -> dict[str, Any]:
+    """One network or an ensemble (Sec. 6: "averaging the predictions of five similar CNNs") on a
+    split of a store: each network sees the images through its own preprocessing (its profile's
+    views and the statistics saved with its weights) and its softmax is averaged over the views;
+    the ensemble's prediction is then the mean over the networks. The networks must share their
+    class names. One network is resident at a time (each is loaded, run over the split, and
+    released; its probabilities are kept: images x classes floats).
+
+    Returns "members" (each network's result, as evaluate_store's), "ensemble" (top1_error,
+    top5_error, loss, images) and the ensemble's figures at the top level as well (one
+    network: its whole result at the top level). `data`:
+    None evaluates on the store the first network was trained on. Keywords go to
+    evaluate_store (batch_size, workers, device, limit, per_class, fast, progress)."""
+    if not members:
+        raise BadInput("no networks to evaluate")
+    check_same_classes(members)
+    data = data if data is not None else recorded_store(members[0])
+    device = kw.pop("device", "cpu")
+    results, total, labels = [], None, None
+    for m in members:
+        loaded = load_model(m, device)
+        r = evaluate_store(loaded, data, split, views, device=device, keep_probs=True, **kw)
+        del loaded
+        probs, y = r.pop("probs"), r.pop("labels")
+        total = probs.double() if total is None else total + probs.double()
+        if labels is not None and not torch.equal(labels, y):  # each member's loader: same order
+            raise RuntimeError("the members' evaluation loaders disagree on the images")
+        labels = y
+        results.append(r)
+    if len(members) == 1:  # the network's own figures (cross-entropy of its logits, ...)
+        ensemble = {k: results[0][k] for k in ("images", "top1_error", "top5_error", "loss")}
+    else:
+        ensemble = _metrics((total / len(members)).float(), labels)
+    ensemble["networks"] = len(members)
+    out = {
+        "data": str(data),
+        "split": split,
+        "views": views,
+        "memory": "one network resident at a time",
+        "members": results,
+        "ensemble": ensemble,
+    }
+    if len(members) == 1:  # one network: its own result, as `alexnet evaluate RUN` gave it
+        out.update({k: v for k, v in results[0].items() if k not in out})
+    out.update({k: ensemble[k] for k in ("images", "top1_error", "top5_error", "loss")})
+    return out
+
+
+def image_probabilities(
+    loaded: LoadedModel, paths: list[str], views: int = 1, device="cpu"
+) -> list[torch.Tensor | str]:
+    """Per image file: the network's softmax averaged over the views (Sec. 4.1), or the reason
+    the file cannot be read (a string), in the order given."""
+    out: list[torch.Tensor | str] = []
     for path in paths:
         try:
             if not Path(path).exists():
@@ -209,22 +335,59 @@ def predict_images(
         except (ValueError, OSError) as e:
             msg = str(e).splitlines()[0]
             # The reason alone: the result (and the printed line) name the path already.
-            msg = msg.removeprefix(f"{path}: ")
-            results.append({"path": path, "error": msg})
+            out.append(msg.removeprefix(f"{path}: "))
             continue
         x = x.reshape(-1, *x.shape[-3:]).to(device)
         with torch.no_grad():
-            probs = loaded.model(x).float().softmax(1).mean(0)  # Sec. 4.1: average softmax
-        p, idx = probs.topk(k)
-        results.append(
-            {
-                "path": path,
-                "predictions": [
-                    {"class": loaded.classes[i], "probability": float(q)}
-                    for q, i in zip(p.tolist(), idx.tolist(), strict=True)
-                ],
-            }
-        )
+            out.append(loaded.model(x).float().softmax(1).mean(0).cpu())
+    return out
+
+
+def _top(probs: torch.Tensor, classes: list[str], topk: int) -> list[dict[str, Any]]:
+    p, idx = probs.topk(min(topk, len(classes)))
+    return [
+        {"class": classes[i], "probability": float(q)}
+        for q, i in zip(p.tolist(), idx.tolist(), strict=True)
+    ]
+
+
+def predict_images(
+    loaded: LoadedModel, paths: list[str], topk: int = 5, views: int = 1, device="cpu"
+):
+    """[{path, predictions: [{class, probability}]} or {path, error}] in the order given."""
+    results = []
+    for path, r in zip(paths, image_probabilities(loaded, paths, views, device), strict=True):
+        if isinstance(r, str):
+            results.append({"path": path, "error": r})
+        else:
+            results.append({"path": path, "predictions": _top(r, loaded.classes, topk)})
+    return results
+
+
+def predict_networks(
+    members: list[str | Path], paths: list[str], topk: int = 5, views: int = 1, device="cpu"
+):
+    """predict_images with one network or an ensemble: each network's softmax averaged over the
+    views, then over the networks (Sec. 6). One network resident at a time. With several
+    networks each result also holds "members": each network's own top-k."""
+    classes = check_same_classes(members)
+    per_member = []
+    for m in members:
+        loaded = load_model(m, device)
+        per_member.append((str(loaded.path), image_probabilities(loaded, paths, views, device)))
+        del loaded
+    results = []
+    for i, path in enumerate(paths):
+        probs = [r[i] for _, r in per_member]
+        if isinstance(probs[0], str):
+            results.append({"path": path, "error": probs[0]})
+            continue
+        r = {"path": path, "predictions": _top(torch.stack(probs).mean(0), classes, topk)}
+        if len(members) > 1:
+            r["members"] = [
+                {"weights": w, "predictions": _top(p[i], classes, topk)} for w, p in per_member
+            ]
+        results.append(r)
     return results
 
 

@@ -116,6 +116,9 @@ class AlexNet(nn.Module):
             cross = cross or towers == 1 or (config.drop_conv == 3 and name == "conv4")
             setattr(self, name, TowerConv(cin, cout, k, s, p, cross, towers, self.devices))
             cin = cout
+        if config.conv6:  # Sec. 6's "1 CNN*": each tower's 6x6 pooled maps, shape kept
+            self.conv6 = TowerConv(cin, cin, 3, 1, 1, towers == 1, towers, self.devices)
+            self.act_conv6 = Each(Act(config.activation))
         z = 3 if config.pool == "overlap" else 2  # Sec. 3.4: overlapping max-pool z=3, s=2
         for name in ("pool1", "pool2", "pool5"):
             setattr(self, name, Each(nn.MaxPool2d(z, 2)))
@@ -159,7 +162,8 @@ class AlexNet(nn.Module):
             if name == convs[-1]:  # the last conv layer is followed by the last pool
                 tail = tail + ["pool5"] if paper else ["pool5", *tail]
             order += [name, *tail]
-        order += ["flatten", "fc6", "act6", "drop6", "fc7", "act7", "drop7", "fc8"]
+        order += ["conv6", "act_conv6", "flatten", "fc6", "act6", "drop6", "fc7", "act7", "drop7"]
+        order += ["fc8"]
         order = [n for n in order if hasattr(self, n)]  # no LRN, no spatial norm: not there
         # A ReLU right before an LRN is fused into the LRN's passes (alexnet.lrn): same function.
         for i, name in enumerate(order[:-1]):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alexnet.config import get_profile
+from alexnet.config import Profile, get_profile
 from alexnet.model import AlexNet, build_model
 
 
@@ -57,13 +57,17 @@ def layer_table(model: nn.Module, input_size: int) -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(profile: str, input_size: int | None = None, num_classes: int = 1000) -> dict:
-    p = get_profile(profile)
+def summarize(
+    profile: str | Profile, input_size: int | None = None, num_classes: int = 1000, **overrides
+) -> dict:
+    """The layer table of a profile's network (with model overrides, e.g. conv6=True)."""
+    p = get_profile(profile) if isinstance(profile, str) else profile
     size = input_size or p.model.input_size
-    model = build_model(profile, num_classes=num_classes)
+    model = build_model(p, num_classes=num_classes, **overrides)
     rows = layer_table(model, size)
     return {
-        "profile": profile,
+        "profile": p.name,
+        "overrides": overrides,
         "input": [3, size, size],
         "num_classes": num_classes,
         "layers": rows,

@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from alexnet.devices import resolve_device
-from alexnet.evaluate import evaluate_store, import_torchvision, load_model, predict_images
+from alexnet.errors import BadInput
+from alexnet.evaluate import evaluate_networks, import_torchvision, predict_networks, read_classes
 
 
 def run_evaluate(args) -> int:
     device = resolve_device(args.device)
-    loaded = load_model(args.weights, device)
-    r = evaluate_store(
-        loaded,
+    r = evaluate_networks(
+        args.weights,
         args.data,
         split=args.split,
         views=args.views,
@@ -29,28 +30,55 @@ def run_evaluate(args) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(
-        f"{r['images']} images of {args.split}, {args.views} view(s): top-1 error "
-        f"{r['top1_error']:.2%}, top-5 error {r['top5_error']:.2%}, loss {r['loss']:.4f}"
-    )
+    views = f"{args.views} view(s)"
+    if len(r["members"]) > 1:
+        print(f"{r['images']} images of {args.split} ({r['data']}), {views}, "
+              f"{len(r['members'])} networks ({r['memory']}):")  # fmt: skip
+        for m in r["members"]:
+            print(f"  {m['weights']}: top-1 error {m['top1_error']:.2%}, top-5 error "
+                  f"{m['top5_error']:.2%}, loss {m['loss']:.4f}")  # fmt: skip
+        e = r["ensemble"]
+        print(
+            "  ensemble (softmax averaged over views, then networks): top-1 error "
+            f"{e['top1_error']:.2%}, top-5 error {e['top5_error']:.2%}, loss {e['loss']:.4f}"
+        )
+    else:
+        print(
+            f"{r['images']} images of {args.split}, {views}: top-1 error "
+            f"{r['top1_error']:.2%}, top-5 error {r['top5_error']:.2%}, loss {r['loss']:.4f}"
+        )
     if args.per_class:
-        print(f"\n{'class':<30} {'images':>7} {'top-1 error':>12}")
-        for name, count, err in zip(
-            loaded.classes, r["per_class_images"], r["per_class_top1_error"], strict=True
-        ):
-            print(f"{name[:30]:<30} {count:>7} {err:>12.2%}")
+        for m in r["members"]:
+            print(f"\n{m['weights']}\n{'class':<30} {'images':>7} {'top-1 error':>12}")
+            for name, count, err in zip(
+                read_classes(m["weights"]), m["per_class_images"], m["per_class_top1_error"],
+                strict=True,
+            ):  # fmt: skip
+                print(f"{name[:30]:<30} {count:>7} {err:>12.2%}")
     return 0
 
 
 def run_predict(args) -> int:
     device = resolve_device(args.device)
-    loaded = load_model(args.weights, device)
-    results = predict_images(loaded, args.images, args.topk, args.views, device)
+    weights, images = split_networks(args.paths)
+    results = predict_networks(weights, images, args.topk, args.views, device)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print_predictions(results)
     return 1 if any("error" in r for r in results) else 0
+
+
+def split_networks(paths: list[str]) -> tuple[list[str], list[str]]:
+    """The leading run folders and .safetensors files (the networks), then the images."""
+    n = 0
+    while n < len(paths) and (Path(paths[n]).is_dir() or paths[n].endswith(".safetensors")):
+        n += 1
+    if n == 0:
+        raise BadInput(f"{paths[0]}: the first path must be a run folder or a .safetensors file")
+    if n == len(paths):
+        raise BadInput("no images to predict: give IMAGE... after the network(s)")
+    return paths[:n], paths[n:]
 
 
 def print_predictions(results: list[dict]) -> None:
@@ -71,9 +99,20 @@ def run_import_torchvision(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("evaluate", help="top-1/top-5 error of trained weights on a store")
-    p.add_argument("weights", metavar="RUN_OR_WEIGHTS")
-    p.add_argument("--data", required=True, help="a prepared store")
+    p = sub.add_parser(
+        "evaluate",
+        help="top-1/top-5 error of trained weights on a store; several: an ensemble (Sec. 6)",
+    )
+    p.add_argument(
+        "weights",
+        nargs="+",
+        metavar="RUN_OR_WEIGHTS",
+        help="one network, or several whose softmax outputs are averaged (an ensemble)",
+    )
+    p.add_argument(
+        "--data",
+        help="a prepared store (default: the store the (first) run was trained on)",
+    )
     p.add_argument("--split", default="val")
     p.add_argument("--views", type=int, choices=(1, 10), default=1, help="1: centre; 10: Sec. 4.1")
     p.add_argument(
@@ -96,9 +135,17 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=run_evaluate)
 
-    p = sub.add_parser("predict", help="top-k classes of images (JPEG, PNG, WebP, any size)")
-    p.add_argument("weights", metavar="RUN_OR_WEIGHTS")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p = sub.add_parser(
+        "predict",
+        help="top-k classes of images (JPEG, PNG, WebP, any size); several networks: an ensemble",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="RUN_OR_WEIGHTS... IMAGE...",
+        help="one or more networks (run folders or .safetensors files; several: their softmax "
+        "outputs are averaged), then the images",
+    )
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--views", type=int, choices=(1, 10), default=1)
     p.add_argument("--device", default="auto")

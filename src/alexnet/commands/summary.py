@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from alexnet.config import PROFILES, profile_differences
+from alexnet.config import PROFILES, apply_overrides, get_profile, profile_differences
 from alexnet.summary import summarize
 
 
 def run_summary(args) -> int:
-    s = summarize(args.profile, args.input, args.num_classes)
+    profile = apply_overrides(get_profile(args.profile), args.set)
+    s = summarize(profile, args.input, args.num_classes)
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
     size = "x".join(map(str, s["input"]))
-    print(f"profile {s['profile']}, input {size}, {s['num_classes']} classes")
+    sets = f" ({', '.join(args.set)})" if args.set else ""
+    print(f"profile {s['profile']}{sets}, input {size}, {s['num_classes']} classes")
     print(f"{'layer':<10} {'output':>14} {'params':>13} {'mult-adds':>15}")
     for r in s["layers"]:
         shape = "x".join(map(str, r["output"]))
@@ -48,7 +50,21 @@ def run_profiles(args) -> int:
     print()
     for n in names:
         print(f"{n}: {PROFILES[n].description}")
+    print("\nThe paper's variants and ablations, on any two-tower profile (--set model.FIELD=...):")
+    for field, what in MODEL_OVERRIDES:
+        print(f"  model.{field}: {what}")
     return 0
+
+
+MODEL_OVERRIDES = (
+    ("conv6=true", 'Sec. 6\'s extra sixth conv layer over the last pooling layer ("1 CNN*")'),
+    ("towers=1", "Sec. 3.2's one-GPU net, half the kernels in conv1-conv4"),
+    ("lrn=false", "no local response normalisation (Sec. 3.3)"),
+    ("pool=nonoverlap", "2x2 stride-2 pooling instead of 3x3 stride 2 (Sec. 3.4)"),
+    ("drop_conv=3|4|5", "a middle conv layer removed (Sec. 7)"),
+    ("activation=tanh", "tanh instead of ReLU (Sec. 3.1, Figure 1)"),
+    ("dropout=P, dropout_style=classic|inverted", "dropout of fc6/fc7 (Sec. 4.2)"),
+)
 
 
 def register(sub) -> None:
@@ -56,6 +72,14 @@ def register(sub) -> None:
     p.add_argument("--profile", default="paper", help=f"one of {', '.join(PROFILES)}")
     p.add_argument("--input", type=int, default=None, help="input side (default: the profile's)")
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="model.FIELD=VALUE",
+        help="a model override, e.g. --set model.conv6=true (Sec. 6's sixth conv layer) or "
+        "--set model.towers=1",
+    )
     p.add_argument(
         "--json", action="store_true", help="print JSON (layers, total_params, total_macs)"
     )
