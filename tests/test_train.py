@@ -3,6 +3,7 @@ config and outputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from alexnet import checkpoint
 from alexnet.commands import main as cli_main
 from alexnet.config import apply_overrides, get_profile
+from alexnet.model import build_model
 from alexnet.train import RunConfig, Trainer
 from conftest import TRAIN_ARGS as ARGS
 
@@ -182,3 +184,81 @@ def test_a_run_at_chance_keeps_its_lr_and_warns(tiny_store, tmp_path):
     acc = EventAccumulator(str(out))
     acc.Reload()
     assert [e.value for e in acc.Scalars("val/at_chance")] == [1.0, 1.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def two_class_store(tmp_path_factory):
+    """Another tiny store: two classes (the fine-tuning target, other classes)."""
+    from alexnet.data import prepare_store
+    from conftest import make_image_tree
+
+    root = tmp_path_factory.mktemp("two")
+    make_image_tree(root / "src", classes=("square", "stripes"), per_class=12, seed=5)
+    prepare_store(root / "src", root / "store", kind="folder", workers=1, progress=False)
+    return root / "store"
+
+
+def _finetune(store, out, init, sets=(), **run_kw):
+    profile = apply_overrides(get_profile("paper"), ["train.batch_size=8", *sets])
+    run = RunConfig(data=str(store), out=str(out), seed=1, fast=False, workers=0, log_every=1,
+                    init=str(init), **run_kw)  # fmt: skip
+    return Trainer(profile, run)
+
+
+@pytest.mark.slow
+def test_init_loads_matching_tensors_bit_for_bit_and_reinitialises_fc8(
+    reference_run, two_class_store, tmp_path
+):
+    """train --init (issue 13): every tensor of the same name and shape comes from the weights
+    file exactly; fc8 (3 classes there, 2 here) keeps the paper's N(0, 0.01) init, biases 0."""
+    source = load_file(reference_run / "model.safetensors")
+    trainer = _finetune(two_class_store, tmp_path / "ft", reference_run)
+    state = trainer.model.state_dict()
+    for key, value in state.items():
+        if key.startswith("fc8."):
+            continue
+        assert torch.equal(value, source[key]), key
+    w, b = state["fc8.weight"], state["fc8.bias"]
+    assert w.shape == (2, 4096) and abs(w.double().std().item() / 0.01 - 1) < 0.03
+    assert torch.all(b == 0)
+    rep = trainer.init_report
+    assert set(rep["not_loaded"]) == {"fc8.weight", "fc8.bias"} and not rep["classes_match"]
+    assert "3 classes there, 2 here" in rep["not_loaded"]["fc8.weight"]
+    assert len(rep["loaded"]) == len(state) - 2 and rep["stats"] == "store"
+    # The run records it, and the loaded layers' groups are marked.
+    trainer.fit_config = trainer.resolved_config()
+    assert trainer.fit_config["derived"]["init"]["loaded"] == rep["loaded"]
+    names = {g["name"] for g in trainer.optimizer.param_groups}
+    assert {"init:weights", "init:biases", "init:conv1.weight", "weights", "biases"} <= names
+
+
+@pytest.mark.slow
+def test_frozen_layers_do_not_change_and_new_ones_learn(reference_run, two_class_store, tmp_path):
+    source = load_file(reference_run / "model.safetensors")
+    trainer = _finetune(two_class_store, tmp_path / "fz", reference_run,
+                        sets=["train.freeze_until=1", "train.lr=0.01"], max_steps=3)  # fmt: skip
+    before_fc8 = trainer.model.state_dict()["fc8.weight"].clone()
+    trainer.fit()
+    state = trainer.model.state_dict()
+    for key in trainer.init_report["loaded"]:
+        assert torch.equal(state[key], source[key]), key
+    assert not torch.equal(state["fc8.weight"], before_fc8)
+    lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs["init:weights"] == 0.0 and lrs["weights"] == pytest.approx(0.01)
+
+
+@pytest.mark.slow
+def test_init_lr_mult_and_layout_mismatch(reference_run, tmp_path, capsys):
+    from alexnet.optim import param_groups
+
+    net = build_model("paper", num_classes=3)
+    train = dataclasses.replace(get_profile("paper").train, init_lr_mult=0.1)
+    groups = {g["name"]: g for g in param_groups(net, train, loaded={"conv2.weight"})}
+    assert groups["init:weights"]["lr"] == pytest.approx(0.001)
+    assert groups["init:weights"]["params"] == [net.conv2.weight]
+    assert groups["weights"]["lr"] == pytest.approx(0.01)
+    # torchvision's layout cannot start from two-tower weights: one line, exit 2.
+    rc = cli_main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--profile",
+                   "torchvision", "--init", str(reference_run)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1

@@ -3,11 +3,14 @@
 import alexnet
 model = alexnet.build_model("paper", num_classes=1000)
 alexnet.PROFILES  # "paper", "cuda-convnet", "caffe", "torchvision", "demo"
+net = alexnet.load_model("runs/demo")                      # trained weights, eval mode
+r = alexnet.evaluate_networks(["runs/a", "runs/b"], "data/fashion-mnist")  # an ensemble
 """
 
 import importlib
 
 from alexnet.config import PROFILES, DataConfig, ModelConfig, Profile, TrainConfig, get_profile
+from alexnet.evaluate import evaluate_networks, load_model, predict_networks
 from alexnet.model import build_model
 
 __version__ = "0.1.0"
@@ -18,7 +21,10 @@ __all__ = [
     "Profile",
     "TrainConfig",
     "build_model",
+    "evaluate_networks",
     "get_profile",
+    "load_model",
+    "predict_networks",
 ]
 
 

@@ -35,7 +35,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from alexnet.errors import BadInput
-from alexnet.fileio import atomic_write
+from alexnet.fileio import atomic_write, file_sha256
 
 WEIGHTS_FORMAT = "alexnet-weights/1"
 STATE_FORMAT = "alexnet-state/1"
@@ -197,6 +197,55 @@ def weights_metadata(profile, classes: list[str], extra: Mapping[str, str] | Non
     }
     meta.update(extra or {})
     return meta
+
+
+def init_from(model: nn.Module, path: str | os.PathLike, classes: list[str]) -> dict[str, Any]:
+    """Fine-tuning's start (`train --init`): copy into `model` every tensor of the weights file
+    `path` whose key and shape match, bit for bit; the classifier (model.output_layer) only when
+    the file's class names are `classes`, else it keeps the model's own initialisation (the
+    profile's). Weights of the other layout (two towers / torchvision) are refused. Returns what
+    was loaded and what was not (recorded in the run's config.json)."""
+    path = Path(path)
+    tensors, meta = load_weights(path)
+    try:
+        saved = json.loads(meta["config"])
+        layout, their_classes = saved["model"]["layout"], json.loads(meta["classes"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise _bad(path, "weights without this program's metadata (config, classes)") from None
+    mine = model.config.layout
+    if layout != mine:
+        raise _bad(
+            path,
+            f"weights of the {layout} layout cannot initialise a {mine} network: choose a "
+            f"profile of the {layout} layout (--profile)",
+        )
+    same_classes = their_classes == list(classes)
+    state = model.state_dict()
+    loaded, not_loaded = [], {}
+    for key, target in state.items():
+        source = tensors.get(key)
+        if source is None:
+            not_loaded[key] = "not in the file"
+        elif key.startswith(model.output_layer + ".") and not same_classes:
+            not_loaded[key] = (
+                f"the classifier: {len(their_classes)} classes there, {len(classes)} here"
+                if len(their_classes) != len(classes)
+                else "the classifier: other class names"
+            )
+        elif source.shape != target.shape:
+            not_loaded[key] = f"shape {tuple(source.shape)} there, {tuple(target.shape)} here"
+        else:
+            state[key] = source
+            loaded.append(key)
+    model.load_state_dict(state)
+    return {
+        "source": str(path),
+        "sha256": file_sha256(path),
+        "profile": saved.get("name"),
+        "classes_match": same_classes,
+        "loaded": loaded,
+        "not_loaded": not_loaded,
+    }
 
 
 # --- training state: torch.save, loaded with weights_only=True ---------------------------------

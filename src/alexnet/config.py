@@ -141,6 +141,11 @@ class TrainConfig:
     conv1_lr_schedule: tuple[tuple[float, float], ...] = ()  # (epoch, lr) pairs
     lighting_off_epoch: float | None = None
     warmup_epochs: float = 0.0  # not in the paper; linear lr warm-up (demo recipe)
+    # Fine-tuning from other weights (`train --init`; Sec. 6's pre-training then fine-tuning):
+    # the lr of the loaded layers is init_lr_mult times the new layers'; they get lr 0 until
+    # epoch freeze_until (a value >= epochs freezes them for the whole run).
+    init_lr_mult: float = 1.0
+    freeze_until: float = 0.0
     label_smoothing: float = 0.0  # not in the paper
 
 
@@ -453,6 +458,8 @@ RANGES = {
     "train.plateau_chance_margin": (0, 1, True, True),
     "train.chance_warning_epochs": (0, None, True, True),
     "train.warmup_epochs": (0, None, True, True),
+    "train.init_lr_mult": (0, None, True, True),
+    "train.freeze_until": (0, None, True, True),
     "train.label_smoothing": (0, 1, True, False),
 }
 

@@ -97,6 +97,8 @@ class AlexNet(nn.Module):
     The network is a sequence of stages, each a module from parts to parts (alexnet.towers);
     `stages` lists their names in the order of the forward pass."""
 
+    output_layer = "fc8"  # the classifier: re-initialised when fine-tuning on other classes
+
     def __init__(self, config: ModelConfig, num_classes: int = 1000, devices=("cpu",)):
         super().__init__()
         self.config, self.num_classes = config, num_classes
@@ -247,6 +249,8 @@ class Dropout(nn.Dropout):
 class TorchvisionAlexNet(nn.Module):
     """torchvision.models.alexnet's layout, parameter for parameter and key for key."""
 
+    output_layer = "classifier.6"
+
     def __init__(self, config: ModelConfig, num_classes: int = 1000):
         super().__init__()
         self.config, self.num_classes = config, num_classes
@@ -308,7 +312,7 @@ class TorchvisionAlexNet(nn.Module):
 
 
 _TWO_TOWER_ONLY = (
-    "lrn", "pool", "towers", "drop_conv", "spatial_norm", "order", "lrn_across_towers",
+    "lrn", "pool", "towers", "drop_conv", "spatial_norm", "order", "lrn_across_towers", "conv6",
 )  # fmt: skip
 
 

@@ -13,8 +13,9 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
@@ -110,7 +111,15 @@ def _step_foreach(params, grads, velocities, lr: float, m: float, wd: float) -> 
         torch._foreach_add_(ps, vs)
 
 
-def param_groups(model: nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
+def state_key(param_name: str) -> str:
+    """The state_dict key of a parameter: conv1.weight_1 (tower B's part on a second device,
+    alexnet.towers) belongs to conv1.weight."""
+    return re.sub(r"\.(weight|bias)_\d+$", r".\1", param_name)
+
+
+def param_groups(
+    model: nn.Module, train: TrainConfig, loaded: Collection[str] = ()
+) -> list[dict[str, Any]]:
     """The model's trainable parameters as optimiser groups, each with "name" and "lr_mult":
 
     - "conv1.weight", "conv1.bias": conv1's own groups, the model's `conv1_parameters()` (both
@@ -120,21 +129,27 @@ def param_groups(model: nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
     - "biases": every other 1-D parameter (lr_mult train.bias_lr_mult; weight_decay 0 unless
       train.bias_decay; layer-params-145 / Caffe: bias lr 2x, no bias decay).
 
+    Fine-tuning: the parameters whose state_dict keys are in `loaded` (taken from other weights
+    by `train --init`) form groups of their own, "init:<name>", with "loaded": True and lr_mult
+    times train.init_lr_mult (LRSchedule freezes them until train.freeze_until).
+
     Groups with no parameters are left out. "lr" is set to train.lr * lr_mult.
     """
     conv1 = getattr(model, "conv1_parameters", None)  # both layouts of alexnet.model have it
     conv1_ids = {id(p) for p in conv1()} if conv1 is not None else set()
+    kinds = (*CONV1_GROUPS, "weights", "biases")
     buckets: dict[str, list[nn.Parameter]] = {
-        name: [] for name in (*CONV1_GROUPS, "weights", "biases")
+        prefix + kind: [] for prefix in ("", "init:") for kind in kinds
     }
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         bias = p.ndim == 1
         if id(p) in conv1_ids:
-            buckets["conv1.bias" if bias else "conv1.weight"].append(p)
+            kind = "conv1.bias" if bias else "conv1.weight"
         else:
-            buckets["biases" if bias else "weights"].append(p)
+            kind = "biases" if bias else "weights"
+        buckets[("init:" if state_key(name) in loaded else "") + kind].append(p)
     bias_decay = train.weight_decay if train.bias_decay else 0.0
     settings = {
         "conv1.weight": (1.0, train.weight_decay),
@@ -146,23 +161,28 @@ def param_groups(model: nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
     for name, params in buckets.items():
         if not params:
             continue
-        lr_mult, wd = settings[name]
-        groups.append(
-            {
-                "params": params,
-                "name": name,
-                "lr_mult": lr_mult,
-                "weight_decay": wd,
-                "lr": train.lr * lr_mult,
-            }
-        )
+        is_loaded = name.startswith("init:")
+        lr_mult, wd = settings[name.removeprefix("init:")]
+        lr_mult *= train.init_lr_mult if is_loaded else 1.0
+        group = {
+            "params": params,
+            "name": name,
+            "lr_mult": lr_mult,
+            "weight_decay": wd,
+            "lr": train.lr * lr_mult,
+        }
+        if is_loaded:
+            group["loaded"] = True
+        groups.append(group)
     return groups
 
 
-def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """PaperSGD ("paper-sgd", Sec. 5) or torch.optim.SGD ("sgd": Caffe, torchvision's recipe),
-    over `param_groups(model, train)`."""
-    groups = param_groups(model, train)
+def make_optimizer(
+    model: nn.Module, train: TrainConfig, loaded: Collection[str] = ()
+) -> torch.optim.Optimizer:
+    """PaperSGD ("paper-sgd", Sec. 5) or torch.optim.SGD ("sgd": torchvision's recipe), over
+    `param_groups(model, train, loaded)`."""
+    groups = param_groups(model, train, loaded)
     if train.optimizer == "paper-sgd":
         return PaperSGD(
             groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
@@ -290,9 +310,12 @@ class LRSchedule:
         conv1 = self.conv1_lr(epoch)
         # layer-params-145: cuda-convnet never lowered the bias lr (TrainConfig.bias_lr_fixed).
         fixed_bias = self.train.bias_lr_fixed
+        frozen = epoch < self.train.freeze_until  # fine-tuning: loaded layers keep still
         for group in optimizer.param_groups:
-            mult, name = group.get("lr_mult", 1.0), group.get("name")
-            if conv1 is not None and name in CONV1_GROUPS:  # the logged conv1 changes win
+            mult, name = group.get("lr_mult", 1.0), str(group.get("name")).removeprefix("init:")
+            if frozen and group.get("loaded"):
+                group["lr"] = 0.0
+            elif conv1 is not None and name in CONV1_GROUPS:  # the logged conv1 changes win
                 group["lr"] = conv1 * mult
             elif fixed_bias and name in ("biases", "conv1.bias"):
                 group["lr"] = self.train.lr * self.warmup(epoch) * mult

@@ -75,6 +75,13 @@ class RunConfig:
     max_steps: int | None = None
     eval_batch_size: int = 256
     val_limit: int | None = None  # validate on N images spread over the split (None: all)
+    # Fine-tuning (Sec. 6: pre-trained, then fine-tuned): start from these weights (a run folder
+    # or a .safetensors file) instead of the profile's initialisation; see checkpoint.init_from.
+    init: str = ""
+    # The statistics the views use when fine-tuning: "store", the training store's own (as the
+    # paper fine-tuned on ILSVRC-2012 with its own mean image), or "init", those saved with the
+    # --init weights (the pre-trained network's input distribution).
+    init_stats: str = "store"
 
 
 def read_run_config(out: str | Path) -> tuple[Profile, RunConfig]:
@@ -152,9 +159,12 @@ class Trainer:
 
         torch.manual_seed(run.seed)
         model = build_model(profile, num_classes=self.num_classes, devices=self.devices)
+        self.stats = self.store.stats  # what the views subtract and scale by
+        self.init_report = self._init_weights(model, resume) if run.init else None
+        loaded = self.init_report["loaded"] if self.init_report else ()
         self.mode = self._fast_mode()
         self.model = prepare_model(model, self.mode)  # the plain module: state_dict, eval
-        self.optimizer = make_optimizer(self.model, t)
+        self.optimizer = make_optimizer(self.model, t, loaded=loaded)
         epoch_images = self.store.size("train")
         if t.epoch_images is not None:  # a budget: the first N images of each epoch's order
             epoch_images = min(epoch_images, t.epoch_images)
@@ -184,6 +194,37 @@ class Trainer:
         if resume:
             self._load_checkpoint()
 
+    def _init_weights(self, model, resume: bool) -> dict[str, Any]:
+        """Fine-tuning's start: the --init weights where they fit (checkpoint.init_from). A
+        resumed run takes its weights from its checkpoint and what was loaded from its
+        config.json, so the --init file need not be there any more."""
+        run = self.run
+        if run.init_stats not in ("store", "init"):
+            raise BadInput(f"init_stats must be 'store' or 'init', got {run.init_stats!r}")
+        own = self.out / "model.safetensors"
+        if resume and (self.out / "state.pt").exists():
+            report = json.loads((self.out / "config.json").read_text())["derived"]["init"]
+            stats_from = own
+        else:
+            source = Path(run.init)
+            source = source / "model.safetensors" if source.is_dir() else source
+            if not source.exists():
+                raise NotFound(f"--init {run.init}: no such weights file or run folder")
+            report = checkpoint.init_from(model, source, self.store.classes)
+            stats_from = source
+        if run.init_stats == "init":
+            _, self.stats = checkpoint.split_weights(
+                stats_from, checkpoint.load_weights(stats_from)[0]
+            )
+            if self.stats.mean_image.shape[0] != self.store.image_size:
+                raise BadInput(
+                    f"--init-stats init: {stats_from} holds the statistics of "
+                    f"{self.stats.mean_image.shape[0]}-pixel images, the store "
+                    f"{self.store.image_size}"
+                )
+        report["stats"] = run.init_stats
+        return report
+
     def _fast_mode(self) -> FastMode:
         mode = default_fast_mode(self.device) if self.run.fast else FastMode()
         if self.run.compile is not None:
@@ -208,6 +249,7 @@ class Trainer:
                 "store": str(Path(self.run.data).resolve()),
                 "torch": torch.__version__,
                 "deviations_from_paper": deviations_from_paper(self.profile),
+                "init": self.init_report,  # fine-tuning: what was loaded from --init, if any
             },
         }
 
@@ -230,7 +272,7 @@ class Trainer:
             return
         checkpoint.save_state(self.out / "state.pt", self._state())
         tensors = dict(self.model.state_dict())
-        tensors.update(checkpoint.stats_tensors(self.store.stats))
+        tensors.update(checkpoint.stats_tensors(self.stats))
         meta = checkpoint.weights_metadata(
             self.profile,
             self.store.classes,
@@ -277,6 +319,7 @@ class Trainer:
             workers=self.run.workers,
             device=self.device,
             lighting=self.schedule.lighting_on(epoch),
+            stats=self.stats,
         )
 
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -377,6 +420,7 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
             limit=self.run.val_limit,  # N images spread over the split, shared out among the ranks
+            stats=self.stats,
         )
         return evaluate_model(
             self.model,

@@ -65,6 +65,32 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="validate on N images spread evenly over the split (a class-balanced sample)",
     )
+    g = p.add_argument_group(
+        "fine-tuning (Sec. 6: pre-trained, then fine-tuned)",
+        "Start from other weights: every tensor whose name and shape match is loaded bit for "
+        "bit; the classifier (fc8) keeps the profile's initialisation when the class names "
+        "differ. config.json records what was loaded and what was not.",
+    )
+    g.add_argument("--init", metavar="RUN_OR_WEIGHTS", help="weights to start from")
+    g.add_argument(
+        "--init-lr-mult",
+        type=float,
+        metavar="F",
+        help="the loaded layers' lr is F times the new layers' (default 1: the same)",
+    )
+    g.add_argument(
+        "--freeze-until",
+        metavar="EPOCHS",
+        help="the loaded layers keep still (lr 0) until this epoch; 'all': the whole run "
+        "(default 0: never)",
+    )
+    g.add_argument(
+        "--init-stats",
+        choices=("store", "init"),
+        default="store",
+        help="the mean image and colour statistics of the training store (default, as the paper "
+        "fine-tuned with ILSVRC-2012's own mean) or those saved with the --init weights",
+    )
     p.add_argument(
         "--distributed",
         action="store_true",
@@ -106,10 +132,19 @@ def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
         v = getattr(args, flag)
         if v is not None:
             train_over[field] = v
+    if args.init_lr_mult is not None:
+        train_over["init_lr_mult"] = args.init_lr_mult
     profile = dataclasses.replace(
         profile, train=replace_checked(profile.train, "train", **train_over)
     )
     profile = apply_overrides(profile, args.set)
+    if args.freeze_until is not None:
+        until = profile.train.epochs if args.freeze_until == "all" else _epochs(args.freeze_until)
+        profile = dataclasses.replace(
+            profile, train=dataclasses.replace(profile.train, freeze_until=until)
+        )
+    if (args.init_lr_mult is not None or args.freeze_until is not None) and not args.init:
+        raise BadInput("--init-lr-mult and --freeze-until act on the layers loaded by --init")
     if args.val_limit is not None and args.val_limit < 1:  # before an epoch, not after it
         raise BadInput(f"--val-limit must be at least 1, got {args.val_limit}")
     out = Path(args.out)
@@ -130,8 +165,17 @@ def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
         log_every=args.log_every,
         max_steps=args.max_steps,
         val_limit=args.val_limit,
+        init=args.init or "",
+        init_stats=args.init_stats,
     )
     return profile, run, False
+
+
+def _epochs(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise BadInput(f"--freeze-until {text!r}: a number of epochs, or 'all'") from None
 
 
 def elastic_restart() -> bool:

@@ -217,8 +217,10 @@ class _Loader:
             yield images, labels
 
 
-def _spec(store: Store, data: DataConfig, lighting: bool) -> ViewSpec:
-    return ViewSpec.build(data, store.stats, store.image_size, lighting=lighting)
+def _spec(store: Store, data: DataConfig, lighting: bool, stats=None) -> ViewSpec:
+    # stats: the store's own statistics unless given (fine-tuning may keep the pre-trained's)
+    stats = store.stats if stats is None else stats
+    return ViewSpec.build(data, stats, store.image_size, lighting=lighting)
 
 
 def make_train_loader(
@@ -234,6 +236,7 @@ def make_train_loader(
     device="cpu",
     lighting: bool = True,
     split: str = "train",
+    stats=None,
 ):
     """Training batches of one epoch: (float32 (B, 3, c, c) on device, int64 (B,) labels).
 
@@ -254,7 +257,7 @@ def make_train_loader(
         raise BadInput(f"start_batch {start_batch} outside 0..{num_batches}")
     workers = default_loader_workers() if workers is None else workers
     device = torch.device(device)
-    spec = _spec(store, data, lighting)
+    spec = _spec(store, data, lighting, stats)
     ds = _TrainBatches(
         store,
         split,
@@ -281,6 +284,7 @@ def make_eval_loader(
     rank: int = 0,
     world_size: int = 1,
     limit: int | None = None,
+    stats=None,
 ):
     """Every image of `split` (or `limit` of them spread evenly over it, see spread_indices)
     exactly once, in store order (rank r of W gets the r-th of W contiguous blocks; the last
@@ -290,7 +294,7 @@ def make_eval_loader(
         raise BadInput(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
     workers = default_loader_workers() if workers is None else workers
     device = torch.device(device)
-    spec = _spec(store, data, lighting=False)
+    spec = _spec(store, data, lighting=False, stats=stats)
     spec.eval_layout(views)  # validates views
     ds = _EvalBatches(store, split, spec, batch_size, views, rank, world_size, limit)
     return _Loader(ds, spec, workers, device, views, len(ds))
