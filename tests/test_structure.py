@@ -49,6 +49,7 @@ RANKS = {
     "alexnet.experiments.neighbors": 10,
     "alexnet.experiments.ablate": 11,
     "alexnet.experiments.report": 11,
+    "alexnet.experiments.finetune": 11,
     "alexnet.experiments.recipes": 12,
     "alexnet.experiments": 13,
     "alexnet.benchmarks": 13,

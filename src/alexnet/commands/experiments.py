@@ -11,7 +11,7 @@ from alexnet.config import get_profile
 from alexnet.data.sources import FASHION_MNIST_DIR
 from alexnet.devices import resolve_device
 from alexnet.errors import BadInput
-from alexnet.experiments import ablate, figure1, kernels, neighbors, recipes, report
+from alexnet.experiments import ablate, figure1, finetune, kernels, neighbors, recipes, report
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
@@ -44,8 +44,8 @@ def _resumable(run, cfg, markdown, name: str) -> int:
 
 
 def register(sub) -> None:
-    for add in (register_figure1, register_ablate, register_recipes, register_kernels,
-                register_neighbors, register_report):  # fmt: skip
+    for add in (register_figure1, register_ablate, register_recipes, register_finetune,
+                register_kernels, register_neighbors, register_report):  # fmt: skip
         add(sub)
 
 
@@ -267,6 +267,69 @@ def register_recipes(sub) -> None:
     p.add_argument("--val-limit", type=int, help="validation images per epoch (default all)")
     _training_options(p)
     p.set_defaults(handler=run_recipes)
+
+
+def finetune_config(args) -> finetune.FinetuneConfig:
+    base = finetune.QUICK if args.quick else finetune.FULL
+    budgets = base["budgets"]
+    if args.budgets:
+        try:
+            budgets = tuple(int(b) for b in args.budgets.split(",") if b.strip())
+        except ValueError:
+            raise BadInput(
+                f"--budgets {args.budgets!r}: comma-separated numbers of images"
+            ) from None
+    return finetune.FinetuneConfig(
+        out=args.out,
+        source=args.fashion_mnist,
+        profile=args.profile,
+        pretrain_images=args.pretrain_images or base["pretrain_images"],
+        budgets=budgets,
+        seeds=args.seeds if args.seeds is not None else base["seeds"],
+        store_limit=base["store_limit"],
+        val_limit=base["val_limit"],
+        init_lr_mult=args.init_lr_mult,
+        device=args.device,
+        workers=args.workers,
+        fast=not args.no_fast,
+    )
+
+
+def run_finetune(args) -> int:
+    cfg = finetune_config(args)
+    return _resumable(finetune.run_finetune, cfg, finetune.finetune_markdown, "finetune")
+
+
+def register_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="does pre-training help? Fashion-MNIST 5 + 5 classes, fine-tuned vs from scratch",
+        description=finetune.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
+    p.add_argument("--quick", action="store_true", help=f"a smoke test: {finetune.QUICK}")
+    p.add_argument(
+        "--budgets",
+        metavar="N,N,...",
+        help=f"training images of B (full {finetune.FULL['budgets']})",
+    )
+    p.add_argument("--seeds", type=int, help=f"seeds per budget (full {finetune.FULL['seeds']})")
+    p.add_argument("--pretrain-images", type=int, help="images of A to pre-train on (30000)")
+    p.add_argument("--profile", default="demo", help="the recipe of every run (default demo)")
+    p.add_argument(
+        "--init-lr-mult", type=float, default=1.0, help="the loaded layers' lr factor (1)"
+    )
+    p.add_argument(
+        "--fashion-mnist",
+        default=FASHION_MNIST_DIR,
+        metavar="DIR",
+        help=f"the Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, help="loader worker processes")
+    p.add_argument("--no-fast", action="store_true", help="float32, default memory format")
+    p.set_defaults(handler=run_finetune)
 
 
 def run_kernels(args) -> int:

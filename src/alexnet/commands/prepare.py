@@ -35,6 +35,7 @@ def run_prepare(args) -> int:
         limit=args.limit,
         chunk_size=args.chunk_size,
         progress=not args.quiet,
+        classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
     )
     return 0
 
@@ -76,6 +77,11 @@ def register(sub) -> None:
     )
     p.add_argument("--jpeg-quality", type=int, default=DEFAULT_QUALITY, help="default 90")
     p.add_argument("--limit", type=int, help="at most this many images per split (quick trials)")
+    p.add_argument(
+        "--classes",
+        metavar="C,C,...",
+        help="only these classes (names or indices), relabelled in this order",
+    )
     p.add_argument("--chunk-size", type=int, help="images per shard (default: from the size)")
     p.add_argument("--download", action="store_true", help="fetch Fashion-MNIST (internet)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -3,6 +3,7 @@ how one item is read (`Source`, `Split`), plus the folder-tree helpers the sourc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -121,3 +122,35 @@ def split_by_fraction(split: Split, fraction: float, seed: int) -> tuple[Split, 
         [r for r, m in zip(split.refs, mask, strict=True) if m], split.labels[mask]
     )
     return pick(~is_val), pick(is_val)
+
+
+def select_classes(source: Source, wanted: list[str]) -> Source:
+    """The source restricted to some of its classes, relabelled 0..k-1 in the order given. A
+    class is named by its name or its index (a number)."""
+    index = {c: i for i, c in enumerate(source.classes)}
+    picks = []
+    for w in wanted:
+        w = str(w)
+        i = index.get(w, int(w) if w.isdigit() else None)
+        if i is None or not 0 <= i < len(source.classes):
+            raise BadInput(
+                f"--classes: {w!r} is not a class of this source ({', '.join(source.classes)})"
+            )
+        if i in picks:
+            raise BadInput(f"--classes: {w!r} is given twice")
+        picks.append(i)
+    relabel = np.full(len(source.classes), -1, dtype=np.int64)
+    relabel[picks] = np.arange(len(picks))
+    splits = {}
+    for name, sp in source.splits.items():
+        keep = relabel[sp.labels] >= 0
+        refs = [r for r, k in zip(sp.refs, keep.tolist(), strict=True) if k]
+        splits[name] = Split(refs, relabel[sp.labels[keep]])
+    kept = [source.classes[i] for i in picks]
+    return dataclasses.replace(
+        source,
+        classes=kept,
+        class_names=[source.class_names[i] for i in picks],
+        splits=splits,
+        description=f"{source.description}; classes {', '.join(kept)}",
+    )

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from alexnet.data import sources as src_mod
 from alexnet.data.images import UnreadableImage, paper_image
+from alexnet.data.listing import select_classes
 from alexnet.data.store import (
     FORMAT,
     MANIFEST,
@@ -233,8 +234,10 @@ def prepare_store(
     chunk_size: int | None = None,
     progress: bool = True,
     log=print,
+    classes: list[str] | None = None,
 ) -> Store:
-    """Prepare (or resume, or recognise as done) the store OUT from the source SRC."""
+    """Prepare (or resume, or recognise as done) the store OUT from the source SRC.
+    `classes`: only these classes (names or indices), relabelled in the order given."""
     if encoding not in ENCODINGS:
         raise BadInput(f"unknown --encoding {encoding!r}; valid: {', '.join(ENCODINGS)}")
     if size < 1:
@@ -250,6 +253,8 @@ def prepare_store(
         Path(src).resolve()
     ):  # its files would become part of the source's listing
         raise BadInput(f"OUT {out} is inside SRC {src}: choose a directory outside the source")
+    if classes is not None:
+        source = select_classes(source, list(classes))
     log(f"{'detected' if kind is None else 'source'}: {source.description}")
     if limit is not None:
         for sp in source.splits.values():
@@ -268,6 +273,7 @@ def prepare_store(
         "val_fraction": val_fraction,
         "seed": int(seed),
         "limit": limit,
+        "classes": None if classes is None else [str(c) for c in classes],
         "chunk_size": chunk_size,
         "listing_sha256": source.listing_digest(),
         "listed": {k: len(v.refs) for k, v in source.splits.items()},
