@@ -112,7 +112,9 @@ def test_figure1_json_curves_ratio_and_resume(tmp_path):
     # The lr search picked, for ReLU, the rate whose seed-0 run has the lowest mean training
     # error; tanh kept its fixed rate.
     runs = {
-        lr: json.loads((tmp_path / "f1" / "runs" / f"relu-lr{lr:g}-seed0.json").read_text())
+        lr: json.loads(
+            next((tmp_path / "f1" / "runs").glob(f"relu-lr{lr:g}-seed0-*.json")).read_text()
+        )  # fmt: skip
         for lr in (0.01, 0.05)
     }
 
@@ -210,3 +212,22 @@ def test_ratio_and_its_bounds_when_a_net_falls_short():
         cfg, "x", "x", 100, {"relu": 0.1, "tanh": 0.1}, {}, {"relu": tanh, "tanh": relu}
     )
     assert s["ratio"]["epochs_at_most"] == pytest.approx(2.0 / 3.5)
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_threshold_set_by_the_relu_run_and_short_lr_search(tmp_path):
+    """The full mode's rule: the threshold is the chosen ReLU net's (seed 0) own training error
+    at epoch E, so ReLU needs E epochs; the lr search runs for --search-epochs only, and the
+    seed-0 run of the chosen rate is trained again for the whole budget."""
+    cfg = F1.Figure1Config(out=str(tmp_path / "f1"), seeds=1, epochs=2, threshold=None,
+                           threshold_epoch=1.0, search_epochs=1, batch_size=64, train_images=512,
+                           points_per_epoch=2, lr_grid=(0.01, 0.05), quiet=True)  # fmt: skip
+    r = F1.run_figure1(cfg)
+    relu = r["curves"]["relu"]
+    at_1 = relu["train_error"]["0"][relu["epochs"].index(1.0)]
+    assert r["threshold"] == at_1 and "epoch 1" in r["threshold_rule"]
+    assert r["to_threshold"]["relu"]["epochs_per_seed"][0] <= 1.0
+    names = sorted(p.name for p in (tmp_path / "f1" / "runs").glob("*.json"))
+    assert sum("-1ep-" in n for n in names) == 4  # 2 rates x 2 nets, 1 epoch each
+    assert sum("-2ep-" in n for n in names) == 2  # the chosen rates, seed 0, whole budget

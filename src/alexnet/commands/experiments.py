@@ -63,13 +63,27 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def figure1_config(args) -> figure1.Figure1Config:
     base = figure1.QUICK if args.quick else figure1.FULL
+    threshold, at_epoch = figure1.PAPER_THRESHOLD, base["threshold_epoch"]
+    if args.threshold is not None:
+        text = args.threshold
+        if text.startswith("relu@"):  # the ReLU net's own error after that many epochs
+            threshold, at_epoch = None, _number(text[5:], "--threshold relu@EPOCHS")
+        else:
+            threshold, at_epoch = _number(text, "--threshold"), None
+            if not 0 < threshold < 1:
+                raise BadInput(f"--threshold {text} must be between 0 and 1")
+    elif at_epoch is not None:
+        threshold = None
     return figure1.Figure1Config(
         out=args.out,
         data=args.data,
         fashion_mnist=args.fashion_mnist,
         seeds=args.seeds if args.seeds is not None else base["seeds"],
         epochs=args.epochs if args.epochs is not None else base["epochs"],
-        threshold=args.threshold,
+        threshold=threshold,
+        threshold_epoch=at_epoch,
+        search_epochs=args.search_epochs or base["search_epochs"],
+        fast=not args.no_fast,
         batch_size=args.batch_size,
         train_images=args.train_images if args.train_images is not None else base["train_images"],
         points_per_epoch=args.points_per_epoch
@@ -81,9 +95,14 @@ def figure1_config(args) -> figure1.Figure1Config:
     )
 
 
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise BadInput(f"{what}: not a number: {text!r}") from None
+
+
 def run_figure1(args) -> int:
-    if not 0 < args.threshold < 1:
-        raise BadInput(f"--threshold {args.threshold} must be between 0 and 1")
     cfg = figure1_config(args)
     cfg.device = str(resolve_device(cfg.device))
     r = figure1.run_figure1(cfg)
@@ -117,12 +136,22 @@ def register_figure1(sub) -> None:
         help=f"a few minutes on a 2-core CPU: {figure1.QUICK}, lr grid {figure1.QUICK_LR_GRID}",
     )
     p.add_argument("--seeds", type=int, help="runs per activation (full 3, quick 2)")
-    p.add_argument("--epochs", type=int, help="epochs per run (full 40, quick 3)")
+    p.add_argument("--epochs", type=int, help="epochs per run (full 30, quick 3)")
+    p.add_argument(
+        "--search-epochs",
+        type=int,
+        help="epochs of the lr-search runs (full 10; quick: --epochs)",
+    )
     p.add_argument(
         "--threshold",
-        type=float,
-        default=figure1.PAPER_THRESHOLD,
-        help="target training error (default 0.25, the paper's)",
+        metavar="ERROR|relu@EPOCHS",
+        help="target training error: a number (quick: 0.25, the paper's), or relu@E: the error "
+        "the chosen ReLU net (seed 0) has after E epochs (full: relu@5)",
+    )
+    p.add_argument(
+        "--no-fast",
+        action="store_true",
+        help="float32 (default: bf16 autocast and channels_last where the CPU has native bf16)",
     )
     p.add_argument("--batch-size", type=int, default=128, help="default 128 (Sec. 5)")
     p.add_argument(

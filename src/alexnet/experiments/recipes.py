@@ -62,6 +62,9 @@ def _per_layer_json(default: float, **values: float) -> str:
 CONTROLS = (
     Control("baseline", "paper, as printed", ()),
     Control(
+        "inverted", "inverted dropout (x2 in training; Caffe)", ("model.dropout_style=inverted",)
+    ),
+    Control(
         "init03",
         "conv3-5 init std 0.03 (2012 code)",
         ("model.init_std=" + _per_layer_json(0.01, conv3=0.03, conv4=0.03, conv5=0.03),),
@@ -73,9 +76,6 @@ CONTROLS = (
         ("model.order=cuda-convnet",),
     ),
     Control("snorm", "spatial norm after conv2 (2012 code)", ("model.spatial_norm=true",)),
-    Control(
-        "inverted", "inverted dropout (x2 in training; Caffe)", ("model.dropout_style=inverted",)
-    ),
     Control(
         "biaslr",
         "bias lr x2, no bias decay (2012 code)",
