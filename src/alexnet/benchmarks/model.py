@@ -380,12 +380,18 @@ def format_markdown(result: dict) -> str:
     """The result as a Markdown section (machine, date, command, table, ratios)."""
     m, s = result["machine"], result["settings"]
     peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["peak_gflops"].items())
-    begin, end = markers(section_name("bench model", m))
+    loop = s.get("loop", "tuned")
+    begin, end = markers(section_name(f"bench model, {loop} loop", m))
+    what = {
+        "plain": "a plain loop: torch.optim.SGD, glibc's malloc as it is (what a user's own "
+        "script gets)",
+        "tuned": "the allocator tuned (alexnet.speed.tune_cpu_allocator, as `alexnet train` does)",
+    }[loop]
     lines = [
         begin,
         "## Model speed: training step and inference (`alexnet bench model`"
         + (f", {m['device']}" if not m["device"].startswith("cpu") else "")
-        + ")",
+        + f"), {what}",
         "",
         *machine_lines(m, s.get("command", "alexnet bench model")),
         f"- Batch {s['batch_size']}, {s['warmup']} warm-up + {s['steps']} timed steps per "

@@ -9,7 +9,14 @@ import torch
 
 from alexnet.benchmarks import data as bd
 from alexnet.benchmarks import model as bm
-from alexnet.benchmarks.report import check_markdown_path, machine_info, write_section
+from alexnet.benchmarks import ops as bo
+from alexnet.benchmarks.report import (
+    check_markdown_path,
+    machine_info,
+    machine_lines,
+    markers,
+    write_section,
+)
 from alexnet.devices import available_cpus, resolve_device
 from alexnet.errors import BadInput
 
@@ -29,29 +36,37 @@ def run_bench_model(args) -> int:
     else:
         modes = bm.available_modes(device, compile=args.compile)
     profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
-    result = bm.run_model_bench(
-        profiles=profiles,
-        modes=modes,
-        batch_size=batch,
-        steps=steps,
-        warmup=warmup,
-        num_classes=classes,
-        device=device,
-        peak_size=256 if args.quick else 2048,
-        tune_allocator=not args.no_tune_allocator,
-        log=(lambda *a: None) if args.json else print,
-    )
-    result["settings"]["command"] = (
-        f"alexnet bench model --profiles {','.join(profiles)} --modes {','.join(modes)} "
-        f"--batch-size {batch} --steps {steps} --warmup {warmup} --num-classes {classes}"
-        + (" --no-tune-allocator" if args.no_tune_allocator else "")
-    )
-    if args.markdown:
-        bm.write_markdown(args.markdown, result)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(bm.format_table(result))
+    loops = {"plain": ["plain"], "tuned": ["tuned"], "both": ["plain", "tuned"]}[args.loop]
+    results = {}
+    for loop in loops:  # plain first: glibc's tuning cannot be undone in a process
+        r = bm.run_model_bench(
+            profiles=profiles,
+            modes=modes,
+            batch_size=batch,
+            steps=steps,
+            warmup=warmup,
+            num_classes=classes,
+            device=device,
+            peak_size=256 if args.quick else 2048,
+            tune_allocator=loop == "tuned",
+            log=(lambda *a: None) if args.json else print,
+        )
+        r["settings"]["loop"] = loop
+        r["settings"]["command"] = (
+            f"alexnet bench model --loop {args.loop} --profiles {','.join(profiles)} --modes "
+            f"{','.join(modes)} --batch-size {batch} --steps {steps} --warmup {warmup} "
+            f"--num-classes {classes}"
+        )
+        results[loop] = r
+        if args.markdown:
+            bm.write_markdown(args.markdown, r)
+        if not args.json:
+            print(f"\n{loop} loop:\n{bm.format_table(r)}")
+    if args.json:  # the last loop's result; with both, the plain loop's under "plain_loop"
+        out = dict(results[loops[-1]])
+        if len(loops) == 2:
+            out["plain_loop"] = results["plain"]
+        print(json.dumps(out))
     return 0
 
 
@@ -83,9 +98,12 @@ def register(sub) -> None:
     m.add_argument("--num-classes", type=int, help="classes of the last layer (default 1000)")
     m.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     m.add_argument(
-        "--no-tune-allocator",
-        action="store_true",
-        help="leave glibc's malloc as it is (to measure what speed.tune_cpu_allocator gains)",
+        "--loop",
+        choices=("plain", "tuned", "both"),
+        default="both",
+        help="plain: a user's own loop (torch.optim.SGD, glibc's malloc as it is); tuned: with "
+        "alexnet.speed.tune_cpu_allocator() first, as alexnet train does; both (default): plain, "
+        "then tuned, in one process",
     )
     m.add_argument("--markdown", metavar="FILE", help="also write the table into FILE (Markdown)")
     m.add_argument(
@@ -93,9 +111,55 @@ def register(sub) -> None:
     )
     m.set_defaults(handler=run_bench_model)
 
+    o = bsub.add_parser(
+        "ops",
+        help="where a plain training step's time goes: per layer and per operator",
+        description=bo.__doc__,
+    )
+    o.add_argument("--profiles", default="paper,torchvision")
+    o.add_argument("--modes", default="fp32,bf16+cl")
+    o.add_argument("--batch-sizes", default="64,128", help="comma-separated (default 64,128)")
+    o.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
+    o.add_argument("--repeats", type=int, default=5, help="timings per layer (default 5)")
+    o.add_argument("--json", action="store_true")
+    o.add_argument("--markdown", metavar="FILE", help="also write the tables into FILE")
+    o.set_defaults(handler=run_bench_ops)
+
     d = bsub.add_parser("data", help="training loader images/s against the ImageFolder baseline")
     add_data_arguments(d)
     d.set_defaults(handler=run_bench_data)
+
+
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def run_bench_ops(args) -> int:
+    check_markdown_path(args.markdown)
+    try:
+        batches = [int(b) for b in _list(args.batch_sizes)]
+    except ValueError:
+        raise BadInput(f"--batch-sizes {args.batch_sizes!r}: comma-separated numbers") from None
+    for m in _list(args.modes):
+        bm.FastMode.from_label(m)  # a clear error before any work
+    machine = machine_info(torch.device("cpu"))
+    result = bo.run_ops_bench(
+        _list(args.profiles), _list(args.modes), batches, args.steps, args.repeats,
+        log=(lambda *a: None) if args.json else print,
+    )  # fmt: skip
+    if hasattr(os, "getloadavg"):
+        machine["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    command = (
+        f"alexnet bench ops --profiles {args.profiles} --modes {args.modes} --batch-sizes "
+        f"{args.batch_sizes} --steps {args.steps} --repeats {args.repeats}"
+    )
+    if args.markdown:
+        begin, end = markers("bench ops")
+        lines = machine_lines(machine, command)
+        write_section(args.markdown, bo.format_markdown(result, lines, begin, end))
+    if args.json:
+        print(json.dumps(result | {"machine": machine, "command": command}))
+    return 0
 
 
 def add_data_arguments(parser) -> None:
