@@ -355,7 +355,7 @@ def summarise(cfg, variants, results, store) -> dict[str, Any]:
         )
     return {
         "experiment": "ablations of Krizhevsky et al. 2012 (Sec. 3.2-3.4, 4.1, 4.2, 7)",
-        "store": r0["spec"]["store"],
+        "store": Path(r0["spec"]["store"]).name,  # no path of the machine in the results
         "store_train_images": n_train,
         "profile": cfg.profile,
         "base_sets": list(cfg.sets),
