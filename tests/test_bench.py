@@ -184,3 +184,22 @@ def test_gpu_busy_counts_the_timed_window_only(supported):
     else:  # polled in the process meanwhile
         assert busy.method.startswith("nvml polled") and busy.samples >= 2
         assert busy.percent == 42
+
+
+def test_bench_convs_rows_and_ratios(tmp_path, capsys):
+    """`alexnet bench convs` at its smallest: every (layer, variant, mode, cudnn.benchmark) timed,
+    the ratios those of the rows, the section written, and cudnn.benchmark restored."""
+    md = tmp_path / "B.md"
+    before = torch.backends.cudnn.benchmark
+    args = ["bench", "convs", "--device", "cpu", "--batch-size", "2", "--steps", "1",
+            "--warmup", "0", "--json", "--markdown", str(md)]  # fmt: skip
+    assert main(args) == 0
+    assert torch.backends.cudnn.benchmark == before
+    r = json.loads(capsys.readouterr().out)
+    keys = {(x["layer"], x["variant"], x["mode"], x["cudnn_benchmark"]) for x in r["rows"]}
+    assert len(keys) == len(r["rows"]) == 12
+    assert all(x["ms"] > 0 for x in r["rows"])
+    ms = {(x["layer"], x["variant"], x["mode"], x["cudnn_benchmark"]): x["ms"] for x in r["rows"]}
+    want = ms["conv2", "grouped", "bf16+cl", True] / ms["conv2", "two dense", "bf16+cl", True]
+    assert r["ratios"]["conv2_grouped_over_two_dense_bf16_cl_benchmark"] == pytest.approx(want)
+    assert "<!-- alexnet bench convs: begin -->" in md.read_text()

@@ -44,6 +44,7 @@ RANKS = {
     "alexnet.experiments.common": 9,
     "alexnet.benchmarks.model": 9,
     "alexnet.benchmarks.data": 9,
+    "alexnet.benchmarks.convs": 9,
     "alexnet.benchmarks.e2e": 10,
     "alexnet.experiments.figure1": 10,
     "alexnet.experiments.kernels": 10,

@@ -1,4 +1,4 @@
-"""`alexnet bench model`, `conv2`, `data` and `e2e` (alexnet.benchmarks)."""
+"""`alexnet bench model`, `convs`, `data` and `e2e` (alexnet.benchmarks)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 
 import torch
 
+from alexnet.benchmarks import convs, e2e
 from alexnet.benchmarks import data as bd
-from alexnet.benchmarks import e2e
 from alexnet.benchmarks import model as bm
 from alexnet.benchmarks.report import check_markdown_path, machine_info, write_section
 from alexnet.devices import available_cpus, resolve_device
@@ -94,6 +94,19 @@ def register(sub) -> None:
     )
     m.set_defaults(handler=run_bench_model)
 
+    c = bsub.add_parser(
+        "convs",
+        help="conv2 grouped vs two dense convolutions, conv1, with cudnn.benchmark off and on",
+        description=convs.__doc__.split("\n\n", 1)[1],
+    )
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--batch-size", type=int, default=256, help="default 256")
+    c.add_argument("--steps", type=int, default=20, help="timed repeats per case (default 20)")
+    c.add_argument("--warmup", type=int, default=3, help="warm-up repeats per case (default 3)")
+    c.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    c.add_argument("--markdown", metavar="FILE", help="also write the table into FILE")
+    c.set_defaults(handler=run_bench_convs)
+
     d = bsub.add_parser("data", help="training loader images/s against the ImageFolder baseline")
     add_data_arguments(d)
     d.set_defaults(handler=run_bench_data)
@@ -118,6 +131,21 @@ def register(sub) -> None:
     e.add_argument("--dir", help="work folder for the JPEGs and the store (default: /tmp)")
     e.add_argument("--markdown", metavar="FILE", help="also write the table into FILE")
     e.set_defaults(handler=run_bench_e2e)
+
+
+def run_bench_convs(args) -> int:
+    check_markdown_path(args.markdown)
+    result = convs.run_convs_bench(
+        device=resolve_device(args.device or "auto"),
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        log=(lambda *a: None) if args.json else print,
+    )
+    if args.markdown:
+        write_section(args.markdown, convs.format_markdown(result))
+    print(json.dumps(result) if args.json else convs.format_table(result))
+    return 0
 
 
 def run_bench_e2e(args) -> int:
