@@ -201,3 +201,18 @@ def test_cudnn_benchmark_is_set_for_cuda_training_only():
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_select_device_gives_set_device_an_index(monkeypatch):
+    """torch.cuda.set_device refuses an index-less torch.device("cuda") (what --device cuda and
+    auto resolve to): select_device passes the current device's index for it (patched here, no
+    GPU needed), the given index otherwise, and leaves CPUs alone."""
+    from alexnet.devices import select_device
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "set_device", seen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    select_device(torch.device("cuda"))
+    select_device(torch.device("cuda:1"))
+    select_device(torch.device("cpu"))
+    assert seen == [3, 1]

@@ -64,4 +64,7 @@ def select_device(device: torch.device) -> None:
     context is made on cuda:0 when the run is on cuda:1."""
     device = torch.device(device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        # "cuda" without an index is the current device (set_device refuses an index-less one).
+        torch.cuda.set_device(
+            device.index if device.index is not None else torch.cuda.current_device()
+        )

@@ -250,9 +250,6 @@ def run_e2e(
     for d in decodes:
         if d not in ("cpu", "gpu"):
             raise BadInput(f"unknown decode {d!r}: cpu or gpu")
-    select_device(device)
-    configure_backends(device)
-    machine = machine_info(device)
     with tempfile.TemporaryDirectory(prefix="alexnet-e2e-", dir=work_dir) as tmp:
         src, store_dir = Path(tmp) / "jpegs", Path(tmp) / "store"
         t0 = time.perf_counter()
@@ -264,6 +261,11 @@ def run_e2e(
                               progress=False, log=lambda *a: None)  # fmt: skip
         prep_s = time.perf_counter() - t0
         log(f"prepared the store in {prep_s:.1f} s")
+        # CUDA only now: the JPEG and prepare pools fork, better from a process without CUDA's
+        # threads.
+        select_device(device)
+        configure_backends(device)
+        machine = machine_info(device)
         if batch_size > store.size("train"):
             raise BadInput(f"--batch-size {batch_size} is more than the {store.size('train')} "
                            "training images: make more --images")  # fmt: skip

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from alexnet.config import DataConfig
 from alexnet.data.store import Store, decode_record
 from alexnet.data.views import ViewSpec, epoch_permutation
-from alexnet.devices import available_cpus
+from alexnet.devices import available_cpus, select_device
 from alexnet.errors import BadInput
 
 DECODES = ("auto", "cpu", "gpu")
@@ -387,8 +387,7 @@ def _ahead(items, fn, device: torch.device, depth: int = 2):
 
     def work():
         try:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)  # the current device is per thread
+            select_device(device)  # the current CUDA device is per thread
             for item in items:
                 if not put(("batch", fn(item))):
                     return
