@@ -8,7 +8,7 @@
 #        bash bench/gpu_carry.sh      # its IDX files (30 MB) into .gpu-data/ (ignored by git)
 # 2. The run, with the device tool, in the repository root of a copy of the working tree:
 #        command:   bash bench/gpu.sh
-#        timeout_s: 540               # the script stops itself at TOTAL=470 s; 70 s spare
+#        timeout_s: 520               # the script ends by TOTAL=470 s (+10 s kill grace)
 #        carry:     [".gpu-data"]
 # 3. What comes back in $OUT (6 files):
 #        summary.md       the table printed last: each step's status, seconds and budget, and
@@ -20,10 +20,12 @@
 #        gpu.log          everything the steps printed;  machine.txt  GPU, driver, versions
 # Dry run on the CPU with tiny sizes (CI runs it: tests/test_gpu_script.py):
 #        bash bench/gpu.sh --dry-run
+# A partial rerun (15 minutes of device time hold one full run, not two): name the steps and a
+# shorter deadline, e.g.   GPU_STEPS="1 2c" TOTAL=200 bash bench/gpu.sh
 #
 # The budget, in seconds (each step runs under `timeout`; none starts past the deadline; any
 # B_* can be overridden from the environment):
-#   1  checks: tests/test_cuda.py on cuda                                           B_CHECKS   60
+#   1  checks: tests/test_cuda.py on cuda                                           B_CHECKS   75
 #      (meanwhile Fashion-MNIST is prepared into a store, 8 processes, in the background)
 #   2a bench model: paper, torchvision x fp32, bf16+cl, batch 256, eager            B_MODEL    60
 #   2b bench convs: conv2 grouped vs two dense, conv1; cudnn.benchmark off/on       B_CONVS    20
@@ -113,7 +115,7 @@ if ((DRY)); then # the same steps on the CPU, tiny: the script cannot rot unnoti
 else
     DEV=cuda
     TOTAL=${TOTAL:-470}
-    B_CHECKS=${B_CHECKS:-60} B_MODEL=${B_MODEL:-60} B_CONVS=${B_CONVS:-20}
+    B_CHECKS=${B_CHECKS:-75} B_MODEL=${B_MODEL:-60} B_CONVS=${B_CONVS:-20}
     B_E2E=${B_E2E:-100} B_EVIDENCE=${B_EVIDENCE:-170} B_COMPILE=${B_COMPILE:-110}
     B_PACK=${B_PACK:-15}
     MODEL_ARGS="--batch-size 256 --steps 10 --warmup 3"
@@ -134,6 +136,17 @@ FM=${GPU_DATA:-$ROOT/.gpu-data}/fashion-mnist
 [ -f "$FM/train-images-idx3-ubyte.gz" ] || FM=/usr/share/datasets/fashion-mnist
 export STORE="$WORK/fashion-mnist"
 
+# selected "ID name": whether GPU_STEPS (unset: all) names step ID ("2" names 2a, 2b and 2c;
+# "4a" needs the store that "4" prepares)
+selected() {
+    local id=${1%% *} t
+    [ -z "${GPU_STEPS:-}" ] && return 0
+    for t in $GPU_STEPS; do
+        [[ $id == "$t"* || $t == "$id"* ]] && return 0
+    done
+    return 1
+}
+
 report() { "$PY" bench/gpu_report.py "$WORK" "$OUT" "$@" || echo "(report failed: exit $?)"; }
 
 # step NAME BUDGET CMD...: CMD under `timeout`, never past the deadline (less the packing
@@ -141,6 +154,10 @@ report() { "$PY" bench/gpu_report.py "$WORK" "$OUT" "$@" || echo "(report failed
 step() {
     local name=$1 budget=$2 left t0 rc dt status
     shift 2
+    if ! selected "$name"; then
+        printf '%s\t%s\t0\tskipped: not in GPU_STEPS\n' "$name" "$budget" >>"$WORK/steps.tsv"
+        return
+    fi
     left=$((DEADLINE - B_PACK - $(date +%s)))
     if ((left < 10)); then
         printf '%s\t%s\t0\tskipped: no time left\n' "$name" "$budget" >>"$WORK/steps.tsv"
@@ -165,7 +182,8 @@ step() {
 }
 
 main() {
-    echo "bench/gpu.sh $([ $DRY = 1 ] && echo '--dry-run ')on $(hostname), work folder $WORK"
+    echo "bench/gpu.sh $([ $DRY = 1 ] && echo '--dry-run ')on $(uname -n), work folder $WORK" \
+        "${GPU_STEPS:+(steps $GPU_STEPS)}"
     cp BENCHMARKS.md "$MD"
     {
         command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
@@ -176,20 +194,25 @@ main() {
     cat "$WORK/machine.txt"
 
     # The evidence's store, prepared on the CPU while the checks run (they mostly wait on the GPU).
-    echo "==> preparing Fashion-MNIST from $FM into $STORE in the background"
-    "$PY" -m alexnet prepare "$FM" "$STORE" --kind fashion-mnist -q $PREP_ARGS \
-        >"$WORK/prepare.log" 2>&1 &
-    local prep=$!
+    local prep=""
+    if selected "4 evidence"; then
+        echo "==> preparing Fashion-MNIST from $FM into $STORE in the background"
+        "$PY" -m alexnet prepare "$FM" "$STORE" --kind fashion-mnist -q $PREP_ARGS \
+            >"$WORK/prepare.log" 2>&1 &
+        prep=$!
+    fi
 
     step "1 checks" "$B_CHECKS" "$PY" tests/test_cuda.py --device $DEV --json "$WORK/checks.json"
 
-    local t0=$(date +%s)
-    wait $prep && echo "store ready ($(tail -1 "$WORK/prepare.log"))" || {
-        echo "preparing the store failed:"
-        cat "$WORK/prepare.log"
-    }
-    printf 'prepare store\t-\t%s\t%s\n' "$(($(date +%s) - t0))" \
-        "$([ -f "$STORE/manifest.json" ] && echo ok || echo failed)" >>"$WORK/steps.tsv"
+    if [ -n "$prep" ]; then
+        local t0=$(date +%s)
+        wait $prep && echo "store ready ($(tail -1 "$WORK/prepare.log"))" || {
+            echo "preparing the store failed:"
+            cat "$WORK/prepare.log"
+        }
+        printf 'prepare store\t-\t%s\t%s\n' "$(($(date +%s) - t0))" \
+            "$([ -f "$STORE/manifest.json" ] && echo ok || echo failed)" >>"$WORK/steps.tsv"
+    fi
 
     step "2a bench model" "$B_MODEL" bash -c "'$PY' -m alexnet bench model --device $DEV \
         --profiles paper,torchvision --modes fp32,bf16+cl $MODEL_ARGS --markdown '$MD' --json \
@@ -228,7 +251,7 @@ main() {
     echo "==> [$(($(date +%s) - START)) s] done; \$OUT holds: $(cd "$OUT" && ls | tr '\n' ' ')"
     report --print
     # exit status 1 when a step failed or ran out of time (all of them ran, and are reported)
-    ! cut -f4 "$WORK/steps.tsv" | grep -qv '^ok$'
+    ! cut -f4 "$WORK/steps.tsv" | grep -v '^skipped: not in GPU_STEPS' | grep -qv '^ok$'
 }
 
 main 2>&1 | tee "$OUT/gpu.log"

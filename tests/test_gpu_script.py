@@ -97,3 +97,19 @@ def test_report_of_a_run_cut_short(tmp_path):
     assert "| 1 checks | timeout after 60 s | 61 | 60 |" in text
     assert "0/1 passed" in text and "FAILED a: AssertionError: x" in text
     assert "bench_e2e: no result" in text and "bench_model: unreadable result" in text
+
+
+@pytest.mark.slow
+def test_gpu_script_reruns_only_the_steps_named(tmp_path):
+    """GPU_STEPS (a partial rerun within the device time left): only the named steps run, the
+    others are listed as not selected, and that is not a failure."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_WORK=str(tmp_path / "work"),
+               PYTHON=sys.executable, GPU_STEPS="2b")  # fmt: skip
+    run = subprocess.run(["bash", "bench/gpu.sh", "--dry-run"], cwd=ROOT, env=env, text=True,
+                         capture_output=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:]
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    status = {s["step"]: s["status"] for s in r["steps"]}
+    assert status.pop("2b bench convs") == "ok" and r["bench_convs"]["rows"]
+    assert set(status.values()) == {"skipped: not in GPU_STEPS"}, status
+    assert not (tmp_path / "work" / "fashion-mnist").exists()  # no store without step 4
