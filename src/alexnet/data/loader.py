@@ -51,6 +51,17 @@ from alexnet.errors import BadInput
 
 DECODES = ("auto", "cpu", "gpu")
 
+try:
+    # torchvision's batched nvJPEG decoder (torchvision >= 0.19), called as an operator: 0.29's
+    # Python wrapper warns of its deprecation on every call.
+    import torchvision.io  # noqa: F401  (registers the image operators)
+    from torchvision.io import ImageReadMode
+
+    _CUDA_JPEG = torch.ops.image.decode_jpegs_cuda
+    _GRAY, _RGB = ImageReadMode.GRAY.value, ImageReadMode.RGB.value
+except (ImportError, AttributeError, RuntimeError):  # pragma: no cover
+    _CUDA_JPEG = None
+
 
 def default_loader_workers() -> int:
     """Loader worker processes: this node's cores less the one the training process needs,
@@ -75,19 +86,8 @@ def _shared_empty(shape, dtype) -> torch.Tensor:
 # --- decoding a batch where it is used (decode="gpu") ------------------------------------------
 
 
-def _cuda_jpeg_op():
-    """torchvision's batched nvJPEG decoder (torchvision >= 0.19), or None. The operator is
-    called directly: torchvision 0.29's Python wrapper warns of its deprecation on every call."""
-    try:
-        import torchvision.io  # noqa: F401  (registers the image operators)
-
-        return torch.ops.image.decode_jpegs_cuda
-    except (ImportError, AttributeError, RuntimeError):
-        return None
-
-
 def gpu_decode_available() -> bool:
-    return torch.cuda.is_available() and _cuda_jpeg_op() is not None
+    return torch.cuda.is_available() and _CUDA_JPEG is not None
 
 
 def decode_batch(blob: torch.Tensor, lengths: torch.Tensor, store: Store, device) -> torch.Tensor:
@@ -100,10 +100,7 @@ def decode_batch(blob: torch.Tensor, lengths: torch.Tensor, store: Store, device
         return blob.view(n, c, s, s).to(device, non_blocking=True)
     parts = list(blob.split(lengths.tolist()))
     if device.type == "cuda":
-        from torchvision.io import ImageReadMode
-
-        mode = (ImageReadMode.GRAY if c == 1 else ImageReadMode.RGB).value
-        return torch.stack(_cuda_jpeg_op()(parts, mode, device))
+        return torch.stack(_CUDA_JPEG(parts, _GRAY if c == 1 else _RGB, device))
     out = torch.empty((n, c, s, s), dtype=torch.uint8)
     for k, part in enumerate(parts):
         out[k] = torch.from_numpy(decode_record(part.numpy(), store.encoding, c, s))
@@ -123,9 +120,10 @@ _MEASURED: dict = {}  # (store, device, workers) -> measure_decode's result, onc
 
 def measure_decode(store: Store, device, workers: int, split: str = "train", images: int = 256):
     """Which decodes a batch faster here: the GPU (nvJPEG, one batched call), or `workers`
-    worker processes (libjpeg-turbo and the crop, timed on one core of this process and
-    multiplied by the workers: an upper bound for the workers, so the GPU is chosen only when
-    it clearly wins). Returns {"decode": "gpu" | "cpu", "gpu_images_per_s",
+    worker processes (libjpeg-turbo, timed on one core of this process and multiplied by the
+    workers: an upper bound for the workers, so the GPU is chosen only when it clearly wins;
+    nvJPEG's software path, for JPEGs its hardware engines do not take, decodes on the host in
+    this process and is measured as such). Returns {"decode": "gpu" | "cpu", "gpu_images_per_s",
     "cpu_images_per_s", "workers", "images"}; measured once per process and store."""
     device = torch.device(device)
     key = (str(store.path), str(device), workers)
@@ -171,11 +169,11 @@ def resolve_decode(decode: str, store: Store, device, workers: int, split: str =
         raise BadInput(f"unknown decode {decode!r}; valid: {', '.join(DECODES)}")
     device = torch.device(device)
     cuda_jpeg = device.type == "cuda" and store.encoding == "jpeg"
-    if decode == "gpu" and cuda_jpeg and _cuda_jpeg_op() is None:
+    if decode == "gpu" and cuda_jpeg and _CUDA_JPEG is None:
         raise BadInput("decode=gpu: this torchvision has no CUDA JPEG decoder (nvJPEG)")
     if decode != "auto":
         return decode
-    if not cuda_jpeg or _cuda_jpeg_op() is None:
+    if not cuda_jpeg or _CUDA_JPEG is None:
         return "cpu"
     try:
         return measure_decode(store, device, workers, split)["decode"]
