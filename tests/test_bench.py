@@ -5,8 +5,10 @@ allocator setting."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+import torch
 
 from alexnet.commands import main
 from alexnet.speed import FastMode, default_fast_mode, tune_cpu_allocator
@@ -94,3 +96,110 @@ def test_fast_mode_labels_round_trip():
 def test_tune_cpu_allocator_is_idempotent():
     first = tune_cpu_allocator()
     assert tune_cpu_allocator() == first
+
+
+def test_make_jpegs_in_parallel_makes_the_same_files(tmp_path):
+    """The benchmarks' JPEGs made by several processes are the very files one process makes
+    (each image a function of (seed, i)), ImageNet-sized, in an ImageFolder tree."""
+    from PIL import Image
+
+    from alexnet.benchmarks.data import make_jpegs
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    total = make_jpegs(one, 10, classes=3, seed=4, workers=1)
+    assert make_jpegs(two, 10, classes=3, seed=4, workers=3) == total
+    files = sorted(p.relative_to(one) for p in one.rglob("*.jpg"))
+    assert len(files) == 10 and sorted(p.relative_to(two) for p in two.rglob("*.jpg")) == files
+    assert sorted(d.name for d in one.iterdir()) == ["class0", "class1", "class2"]
+    for f in files:
+        assert (one / f).read_bytes() == (two / f).read_bytes(), f
+    sizes = {Image.open(one / f).size for f in files}
+    assert sizes <= {(500, 375), (375, 500)}
+    assert total == sum((one / f).stat().st_size for f in files)
+    assert make_jpegs(tmp_path / "three", 10, classes=3, seed=5) != total  # the seed matters
+
+
+@pytest.mark.slow
+def test_bench_e2e_at_its_smallest(tmp_path, capsys):
+    """`alexnet bench e2e` on the CPU at its smallest: both loops timed, the JSON's rates and
+    ratio consistent, GPU busy absent off CUDA, and its BENCHMARKS.md section written."""
+    md = tmp_path / "BENCHMARKS.md"
+    args = ["bench", "e2e", "--images", "48", "--steps", "2", "--warmup", "1", "--batch-size",
+            "8", "--workers", "1", "--device", "cpu", "--json", "--markdown", str(md)]  # fmt: skip
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    loops = [(row["loop"], row["decode"]) for row in r["rows"]]
+    assert loops == [("ours", "cpu"), ("reference", "cpu")]
+    ours, ref = r["rows"]
+    assert ours["images_per_s"] > 0 and ref["images_per_s"] > 0
+    assert ours["mode"] == default_fast_mode("cpu").label and ref["mode"] == "fp32"
+    assert r["ratio_best"] == pytest.approx(ours["images_per_s"] / ref["images_per_s"])
+    assert ours["gpu_busy_percent"] is None and r["decode_auto"] is None
+    assert r["settings"]["images"] == 48 and "--batch-size 8" in r["settings"]["command"]
+    text = md.read_text()
+    assert "<!-- alexnet bench e2e: begin -->" in text and f"| {ours['images_per_s']:.0f} |" in text
+    assert main(["bench", "e2e", "--decode", "tpu", "--images", "48", "--device", "cpu"]) == 2
+
+
+class _FakeNvml:
+    """nvidia-ml-py's calls GpuBusy makes, with samples before, inside and after a window."""
+
+    NVML_GPU_UTILIZATION_SAMPLES = 1
+
+    def __init__(self, samples_supported: bool):
+        import types
+
+        self.supported, self.types = samples_supported, types
+        self.since = None
+
+    def nvmlDeviceGetSamples(self, handle, kind, since_us):
+        if not self.supported:
+            raise RuntimeError("Not Supported")
+        self.since = since_us
+        s = self.types.SimpleNamespace
+        mk = lambda ts, v: s(timeStamp=int(ts), sampleValue=s(uiVal=v))  # noqa: E731
+        # one sample from before the window (warm-up), three inside, one from the future
+        return 0, [mk(since_us - 5e5, 0), mk(since_us + 1, 90), mk(since_us + 2, 96),
+                   mk(since_us + 3, 99), mk(time.time() * 1e6 + 1e7, 0)]  # fmt: skip
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return self.types.SimpleNamespace(gpu=42)
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_gpu_busy_counts_the_timed_window_only(supported):
+    from alexnet.benchmarks.e2e import GpuBusy
+
+    busy = GpuBusy(torch.device("cpu"), poll_s=0.005)
+    assert busy._nvml is None  # off CUDA: no figure
+    with busy:
+        pass
+    assert busy.percent is None
+    busy._nvml, busy._handle = _FakeNvml(supported), object()
+    with busy:
+        time.sleep(0.05)
+    if supported:  # the driver's samples between start and stop, not before or after
+        assert busy.method == "nvml samples" and busy.samples == 3
+        assert busy.percent == pytest.approx((90 + 96 + 99) / 3)
+    else:  # polled in the process meanwhile
+        assert busy.method.startswith("nvml polled") and busy.samples >= 2
+        assert busy.percent == 42
+
+
+def test_bench_convs_rows_and_ratios(tmp_path, capsys):
+    """`alexnet bench convs` at its smallest: every (layer, variant, mode, cudnn.benchmark) timed,
+    the ratios those of the rows, the section written, and cudnn.benchmark restored."""
+    md = tmp_path / "B.md"
+    before = torch.backends.cudnn.benchmark
+    args = ["bench", "convs", "--device", "cpu", "--batch-size", "2", "--steps", "1",
+            "--warmup", "0", "--json", "--markdown", str(md)]  # fmt: skip
+    assert main(args) == 0
+    assert torch.backends.cudnn.benchmark == before
+    r = json.loads(capsys.readouterr().out)
+    keys = {(x["layer"], x["variant"], x["mode"], x["cudnn_benchmark"]) for x in r["rows"]}
+    assert len(keys) == len(r["rows"]) == 12
+    assert all(x["ms"] > 0 for x in r["rows"])
+    ms = {(x["layer"], x["variant"], x["mode"], x["cudnn_benchmark"]): x["ms"] for x in r["rows"]}
+    want = ms["conv2", "grouped", "bf16+cl", True] / ms["conv2", "two dense", "bf16+cl", True]
+    assert r["ratios"]["conv2_grouped_over_two_dense_bf16_cl_benchmark"] == pytest.approx(want)
+    assert "<!-- alexnet bench convs: begin -->" in md.read_text()

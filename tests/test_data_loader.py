@@ -266,3 +266,134 @@ def test_grey_store_feeds_rgb_and_errors(tmp_path):
     with pytest.raises(ValueError, match="views"):
         make_eval_loader(st, DATA, 4, views=5)
     assert open_store(tmp_path / "s").labels("val").dtype == np.int64
+
+
+def test_workers_live_across_epochs_and_batches_do_not_change(store):
+    """One TrainLoader serves every epoch from the same worker processes (forked once), and
+    each epoch's batches are those a fresh loader without workers makes."""
+    from alexnet.data import TrainLoader
+
+    loader = TrainLoader(store, DATA, 4, seed=3, workers=2)
+    pids = []
+    for epoch in range(3):
+        got = [(x.clone(), y.clone()) for x, y in loader.epoch(epoch, lighting=epoch != 1)]
+        pids.append(loader.worker_pids())
+        fresh = make_train_loader(store, DATA, 4, seed=3, epoch=epoch, workers=0,
+                                  lighting=epoch != 1)  # fmt: skip
+        assert len(got) == len(fresh) == 4
+        for (a, ya), (b, yb) in zip(got, fresh, strict=True):
+            assert torch.equal(a, b) and torch.equal(ya, yb)
+    assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]
+    # a pass cut short (max_steps, an interrupt) leaves nothing behind for the next one
+    it = iter(loader.epoch(0, start_batch=1, stop=3))
+    next(it)
+    del it
+    again = [y.clone() for _, y in loader.epoch(0, start_batch=1, stop=3)]
+    assert len(again) == 2 and torch.equal(again[0], fresh_labels(store, 0, 1))
+    loader.close()
+    assert loader.worker_pids() == []
+
+
+def fresh_labels(store, epoch, batch):
+    loader = make_train_loader(store, DATA, 4, seed=3, epoch=epoch, start_batch=batch, workers=0)
+    return next(iter(loader))[1]
+
+
+def test_loaders_leave_the_global_random_state_alone(store):
+    """Making and iterating loaders with workers draws nothing from torch's global generator,
+    which the dropout masks use: the masks do not depend on the number of workers or passes."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for _ in make_train_loader(store, DATA, 4, seed=0, epoch=0, workers=1):
+        pass
+    for _ in make_eval_loader(store, DATA, 4, workers=1):
+        pass
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_decoding_where_the_batch_is_used_equals_decoding_in_the_workers(store):
+    """decode="gpu" (records to the device, decoded and cut there) runs the same path on a CPU
+    with libjpeg-turbo: the same images as the workers' path, training and ten-view eval."""
+    cc = DataConfig(image_size=S, crop_size=C, lighting="cuda-convnet", crop_chunk=4, mean="center")
+    for data in (DATA, cc):
+        for workers in (0, 1):
+            a = make_train_loader(store, data, 8, seed=2, epoch=1, workers=workers, decode="cpu")
+            b = make_train_loader(store, data, 8, seed=2, epoch=1, workers=workers, decode="gpu")
+            assert (a.decode, b.decode) == ("cpu", "gpu")
+            for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+                torch.testing.assert_close(xb, xa, rtol=0, atol=1e-3)
+                assert torch.equal(ya, yb)
+    for views in (1, 10):
+        a = list(make_eval_loader(store, DATA, 4, views=views, workers=0, decode="cpu"))
+        b = list(make_eval_loader(store, DATA, 4, views=views, workers=1, decode="gpu"))
+        assert len(a) == len(b) == 2
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert xa.shape == xb.shape
+            torch.testing.assert_close(xb, xa, rtol=0, atol=1e-3)
+            assert torch.equal(ya, yb)
+
+
+def test_a_batch_carries_its_view_parameters_as_tensors(store):
+    """What a worker returns: every per-image parameter a tensor (pinned with the batch on a
+    GPU, then copied without waiting), and the parameters those of the views."""
+    from alexnet.data import TrainLoader
+
+    loader = TrainLoader(store, DATA, 4, seed=1, workers=0, decode="cpu")
+    payload, lengths, labels, pos, offsets = loader._workers.dataset[(0, 1, True)]
+    assert lengths is None and payload.dtype == torch.uint8 and payload.shape == (4, 3, C, C)
+    assert pos.dtype == torch.int64 and pos.shape == (4, 3)
+    assert offsets.dtype == torch.float32 and offsets.shape == (4, 3)
+    spec = loader.specs[True]
+    idx = np.asarray(loader._workers.dataset._perm(0)[4:8])
+    ys, xs, flips, off = spec.train_params(1, 0, idx, np.arange(4, 8))
+    assert pos[:, 0].tolist() == ys.tolist() and pos[:, 1].tolist() == xs.tolist()
+    assert pos[:, 2].tolist() == flips.astype(int).tolist()
+    assert torch.equal(offsets, torch.from_numpy(off))
+    gpu = TrainLoader(store, DATA, 4, seed=1, workers=0, decode="gpu")
+    blob, lengths, labels2, pos2, _ = gpu._workers.dataset[(0, 1, True)]
+    assert torch.equal(pos2, pos) and torch.equal(labels2, labels)
+    assert int(lengths.sum()) == blob.numel()  # the records back to back
+    recs = store.records("train", idx)
+    assert bytes(blob[: lengths[0]].numpy()) == recs[0]
+
+
+def test_cut_torch_equals_cut(store):
+    spec = ViewSpec.build(DATA, store.stats, S)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (3, 3, S, S), dtype=np.uint8))
+    ys, xs = rng.integers(0, S - C + 1, 6), rng.integers(0, S - C + 1, 6)
+    flips = np.array([0, 1, 1, 0, 1, 0])
+    got = spec.cut_torch(images, torch.from_numpy(ys), torch.from_numpy(xs),
+                         torch.from_numpy(flips), per_image=2)  # fmt: skip
+    for r in range(6):
+        want = np.empty((3, C, C), np.uint8)
+        spec.cut(images[r // 2].numpy(), int(ys[r]), int(xs[r]), bool(flips[r]), want)
+        assert torch.equal(got[r], torch.from_numpy(want)), r
+
+
+def test_decode_choice(store, monkeypatch):
+    from alexnet.data import loader as L
+
+    assert L.resolve_decode("auto", store, "cpu", 4) == "cpu"  # a CPU: the workers decode
+    assert L.resolve_decode("gpu", store, "cpu", 4) == "gpu"
+    with pytest.raises(ValueError, match="unknown decode"):
+        L.resolve_decode("nvjpeg", store, "cpu", 4)
+    m = L.measure_decode(store, "cpu", workers=3, images=8)
+    assert m["images"] == 8 and m["workers"] == 3 and m["decode"] in ("cpu", "gpu")
+    assert m["gpu_images_per_s"] > 0 and m["cpu_images_per_s"] > 0
+    assert L.measure_decode(store, "cpu", workers=3) is m  # measured once per process
+
+
+def test_default_workers_use_the_cores_shared_among_local_ranks(monkeypatch):
+    from alexnet.data import loader as L
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(L, "available_cpus", lambda: 16)
+    assert L.default_loader_workers() == 15  # one core for the training process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert L.default_loader_workers() == 7  # torchrun: two training processes on this node
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert L.default_loader_workers() == 1
+    monkeypatch.setattr(L, "available_cpus", lambda: 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert L.default_loader_workers() == 1

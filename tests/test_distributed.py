@@ -152,3 +152,67 @@ def test_model_parallel_errors_are_clear(tiny_store, tmp_path, capsys):
                      "--profile", "torchvision", "--model-parallel", "2", "--device", "cpu",
                      "--max-steps", "1", "--workers", "0"]) == 2  # fmt: skip
     print(capsys.readouterr().err)
+
+
+# --- which devices a rank uses ------------------------------------------------------------------
+
+
+def test_rank_devices_start_at_the_device_index():
+    from alexnet.distributed import rank_devices
+
+    cuda = torch.device
+    assert rank_devices(cuda("cuda"), 0, 1, 8) == [cuda("cuda", 0)]
+    assert rank_devices(cuda("cuda"), 3, 1, 8) == [cuda("cuda", 3)]
+    assert rank_devices(cuda("cuda:1"), 0, 1, 2) == [cuda("cuda", 1)]  # --device cuda:1, 1 rank
+    assert rank_devices(cuda("cuda:2"), 1, 2, 8) == [cuda("cuda", 4), cuda("cuda", 5)]
+    with pytest.raises(ValueError, match="needs cuda:2..cuda:2; this node has 2 GPUs"):
+        rank_devices(cuda("cuda:1"), 1, 1, 2)
+
+
+def test_torchrun_with_a_device_this_machine_lacks_is_an_error(monkeypatch):
+    """Under torchrun a CUDA device that is not there, or a device DDP cannot use, stops the
+    run with a clear message before any process group is made (it used to fall back to gloo
+    on the CPU without a word)."""
+    from alexnet import distributed
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: 1 / 0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            with distributed.context("cuda:1"):
+                pass
+    with pytest.raises(ValueError, match="runs on cuda or cpu"):
+        with distributed.context("meta"):
+            pass
+
+
+def test_cudnn_benchmark_is_set_for_cuda_training_only():
+    from alexnet.devices import select_device
+    from alexnet.speed import configure_backends
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        configure_backends("cpu")
+        select_device(torch.device("cpu"))  # a no-op off CUDA
+        assert torch.backends.cudnn.benchmark is False  # the CPU path stays as it was
+        configure_backends("cuda")
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def test_select_device_gives_set_device_an_index(monkeypatch):
+    """torch.cuda.set_device refuses an index-less torch.device("cuda") (what --device cuda and
+    auto resolve to): select_device passes the current device's index for it (patched here, no
+    GPU needed), the given index otherwise, and leaves CPUs alone."""
+    from alexnet.devices import select_device
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "set_device", seen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    select_device(torch.device("cuda"))
+    select_device(torch.device("cuda:1"))
+    select_device(torch.device("cpu"))
+    assert seen == [3, 1]

@@ -45,6 +45,8 @@ RANKS = {
     "alexnet.benchmarks.model": 9,
     "alexnet.benchmarks.data": 9,
     "alexnet.benchmarks.ops": 9,
+    "alexnet.benchmarks.convs": 9,
+    "alexnet.benchmarks.e2e": 10,
     "alexnet.experiments.figure1": 10,
     "alexnet.experiments.kernels": 10,
     "alexnet.experiments.neighbors": 10,

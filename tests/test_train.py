@@ -61,6 +61,25 @@ def test_end_to_end_outputs(reference_run, tiny_store):
     assert json.loads(meta["classes"]) == ["circle", "square", "stripes"]
 
 
+@pytest.mark.slow
+def test_workers_and_decoding_where_the_batch_is_used_change_nothing(reference_run, tiny_store,
+                                                                     tmp_path):  # fmt: skip
+    """The reference run (no workers, the CPU path) again with a worker process that lives
+    across both epochs and validations, and the records decoded where the batch is used
+    (--decode gpu: on a CPU, the GPU path's code with libjpeg-turbo): the same weights, bit for
+    bit (the same pixels, the same float32 arithmetic, and the dropout masks untouched by the
+    workers), and config.json records the decoding."""
+    out = tmp_path / "gpu-path"
+    args = [a for a in ARGS]
+    args[args.index("--workers") + 1] = "1"
+    cmd = ["train", "--data", str(tiny_store), "--out", str(out), *args, "--decode", "gpu"]
+    assert cli_main(cmd) == 0
+    assert json.loads((out / "config.json").read_text())["derived"]["decode"] == "gpu"
+    ref, got = weights(reference_run), weights(out)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
 def _spawn(tiny_store, out):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "alexnet", "train", "--data", str(tiny_store), "--out", str(out)]

@@ -56,3 +56,15 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def select_device(device: torch.device) -> None:
+    """Make a CUDA device the process's current one (a no-op for others): kernels launched
+    without an explicit device, the loader's pinned-memory thread and NCCL then use it, and no
+    context is made on cuda:0 when the run is on cuda:1."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        # "cuda" without an index is the current device (set_device refuses an index-less one).
+        torch.cuda.set_device(
+            device.index if device.index is not None else torch.cuda.current_device()
+        )

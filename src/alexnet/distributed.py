@@ -10,6 +10,8 @@ evenly over the ranks, so the lr and the results do not depend on the number of 
 With --model-parallel 2 every rank is one replica of the paper's two-tower net on two GPUs
 (local rank l drives cuda:2l and cuda:2l+1), so a node with 8 GPUs runs 4 ranks; DDP then
 averages the gradients of the replicas (device_ids=None, as DDP wants for multi-device modules).
+`--device cuda:k` starts the node's GPUs at k (local rank l drives cuda:k+l, or cuda:k+2l and
+cuda:k+2l+1); `--device cpu` runs every rank on the CPU with gloo.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from alexnet.devices import resolve_device, select_device
 from alexnet.errors import BadInput
 
 
@@ -48,6 +51,22 @@ class Context:
         dist.barrier()
 
 
+def rank_devices(
+    device: torch.device, local_rank: int, model_parallel: int, gpus: int
+) -> list[torch.device]:
+    """The GPUs of local rank `local_rank`: from the --device's index (0 for "cuda") on, each
+    rank taking `model_parallel` consecutive GPUs."""
+    first = (device.index or 0) + local_rank * model_parallel
+    if first + model_parallel > gpus:
+        start = device.index or 0
+        raise BadInput(
+            f"local rank {local_rank} with --model-parallel {model_parallel} from cuda:{start} "
+            f"needs cuda:{first}..cuda:{first + model_parallel - 1}; this node has {gpus} GPUs: "
+            f"launch at most {(gpus - start) // model_parallel} processes per node"
+        )
+    return [torch.device("cuda", first + i) for i in range(model_parallel)]
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -65,19 +84,15 @@ def context(device: str = "auto", requested: bool = False, model_parallel: int =
         return
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    dev = resolve_device(device)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
-        first, count = local * model_parallel, torch.cuda.device_count()
-        if first + model_parallel > count:
-            raise BadInput(
-                f"local rank {local} with --model-parallel {model_parallel} needs cuda:{first}.."
-                f"cuda:{first + model_parallel - 1}; this node has {count} GPUs: launch at most "
-                f"{count // model_parallel} processes per node"
-            )
-        torch.cuda.set_device(first)
-        devices = [torch.device("cuda", first + i) for i in range(model_parallel)]
+        devices = rank_devices(dev, local, model_parallel, torch.cuda.device_count())
+        select_device(devices[0])  # before NCCL: its communicator is made on the current device
+    elif dev.type == "cpu":
+        devices = [dev] * model_parallel
     else:
-        devices = [torch.device("cpu")] * model_parallel
+        raise BadInput(f"--device {device}: data parallel training runs on cuda or cpu")
     backend = "nccl" if use_cuda else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     try:

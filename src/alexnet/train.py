@@ -41,15 +41,22 @@ from alexnet.config import (
     get_profile,
     profile_from_dict,
 )
-from alexnet.data import make_eval_loader, make_train_loader, open_store
-from alexnet.devices import model_devices
+from alexnet.data import TrainLoader, make_eval_loader, open_store
+from alexnet.devices import model_devices, select_device
 from alexnet.errors import BadInput, NotFound
 from alexnet.evaluate import evaluate_model
 from alexnet.fileio import write_json
 from alexnet.model import AlexNet, build_model
 from alexnet.optim import LRSchedule, make_optimizer
 from alexnet.runlog import RunLog
-from alexnet.speed import FastMode, autocast, default_fast_mode, maybe_compile, prepare_model
+from alexnet.speed import (
+    FastMode,
+    autocast,
+    configure_backends,
+    default_fast_mode,
+    maybe_compile,
+    prepare_model,
+)
 
 RUN_FORMAT = "alexnet-run/1"
 
@@ -66,6 +73,9 @@ class RunConfig:
     # CPU both towers run in one process, which computes the same function (tests).
     model_parallel: int = 1
     workers: int | None = None  # loader worker processes (None: the loader's default)
+    # Where JPEG records are decoded: "cpu" (the loader workers), "gpu" (nvJPEG on the run's
+    # GPU), "auto" (the GPU when a measurement at the start says it is faster; CPU devices: cpu).
+    decode: str = "auto"
     fast: bool = True  # mixed precision / channels_last where measured faster (speed.py)
     compile: bool | None = None  # torch.compile (None: as speed.default_fast_mode says)
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
@@ -148,6 +158,8 @@ class Trainer:
         # One model replica's devices (two with --model-parallel 2); data and outputs on the first.
         self.devices = dist.devices if dist else model_devices(run.device, run.model_parallel)
         self.device = self.devices[0]
+        select_device(self.device)  # cuda:1 alone, no context on cuda:0
+        configure_backends(self.device)
         self.store = open_store(run.data)
         if "train" not in self.store.splits:
             raise BadInput(f"{run.data}: the store has no 'train' split")
@@ -191,6 +203,20 @@ class Trainer:
             if isinstance(model, AlexNet):  # the global batch's dropout masks (model.py)
                 model.dropout_rows = (self.rank * self.local_batch, t.batch_size)
         self.train_model = maybe_compile(self.train_model, self.mode)
+        # One set of loader workers for the whole run (and one for validation), not per epoch.
+        self.train_loader = TrainLoader(
+            self.store,
+            profile.data,
+            batch_size=self.local_batch,
+            seed=run.seed,
+            rank=self.rank,
+            world_size=self.world,
+            workers=run.workers,
+            device=self.device,
+            decode=run.decode,
+            stats=self.stats,
+        )
+        self._val_loader = None
         if resume:
             self._load_checkpoint()
 
@@ -244,6 +270,7 @@ class Trainer:
                 "per_rank_batch": self.local_batch,
                 "steps_per_epoch": self.steps_per_epoch,
                 "fast_mode": dataclasses.asdict(self.mode),
+                "decode": self.train_loader.decode,
                 "num_classes": self.num_classes,
                 "classes": self.store.classes,
                 "store": str(Path(self.run.data).resolve()),
@@ -307,19 +334,8 @@ class Trainer:
 
     # --- one epoch -----------------------------------------------------------------------
     def _loader(self, epoch: int, start_batch: int):
-        return make_train_loader(
-            self.store,
-            self.profile.data,
-            batch_size=self.local_batch,
-            seed=self.run.seed,
-            epoch=epoch,
-            start_batch=start_batch,
-            rank=self.rank,
-            world_size=self.world,
-            workers=self.run.workers,
-            device=self.device,
-            lighting=self.schedule.lighting_on(epoch),
-            stats=self.stats,
+        return self.train_loader.epoch(
+            epoch, start_batch, stop=self.steps_per_epoch, lighting=self.schedule.lighting_on(epoch)
         )
 
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -408,20 +424,23 @@ class Trainer:
 
     # --- validation ----------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        split = "val" if "val" in self.store.splits else self.store.splits[-1]
-        loader = make_eval_loader(
-            self.store,
-            self.profile.data,
-            batch_size=self.run.eval_batch_size,
-            views=1,
-            split=split,
-            workers=self.run.workers,
-            device=self.device,
-            rank=self.rank,
-            world_size=self.world,
-            limit=self.run.val_limit,  # N images spread over the split, shared out among the ranks
-            stats=self.stats,
-        )
+        if self._val_loader is None:  # made once: its workers serve every epoch's validation
+            split = "val" if "val" in self.store.splits else self.store.splits[-1]
+            self._val_loader = make_eval_loader(
+                self.store,
+                self.profile.data,
+                batch_size=self.run.eval_batch_size,
+                views=1,
+                split=split,
+                workers=self.run.workers,
+                device=self.device,
+                rank=self.rank,
+                world_size=self.world,
+                limit=self.run.val_limit,  # N images spread over the split, shared by the ranks
+                decode=self.train_loader.decode,
+                stats=self.stats,
+            )
+        loader = self._val_loader
         return evaluate_model(
             self.model,
             loader,
@@ -471,6 +490,12 @@ class Trainer:
             "README on the paper profile)"
         )
 
+    def close_loaders(self) -> None:
+        """Stop the loader workers (a later epoch or validation starts them again)."""
+        self.train_loader.close()
+        if self._val_loader is not None:
+            self._val_loader.close()
+
     # --- the run -------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         if self.is_main:
@@ -497,6 +522,7 @@ class Trainer:
                         break
         finally:
             self.log.close()
+            self.close_loaders()
         result = {"status": status, "position": dataclasses.asdict(self.pos)}
         if self.history:
             result["last_epoch"] = self.history[-1]

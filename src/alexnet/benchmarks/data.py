@@ -13,6 +13,7 @@ start-up is left out of both alike.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import resource
 import tempfile
@@ -34,20 +35,29 @@ from alexnet.errors import BadInput
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
-def make_jpegs(root: Path, n: int, classes: int = 8, seed: int = 0) -> int:
-    """n JPEGs in root/<class>/ (an ImageFolder tree); returns their total bytes."""
-    try:  # an optional dependency: the [bench] extra (and [dev])
-        import skimage.data
-    except ImportError:
-        raise BadInput(
-            "bench data makes its JPEGs from scikit-image's photos: pip install 'alexnet[bench]'"
-        ) from None
-    rng = np.random.default_rng(seed)
-    photos = [Image.fromarray(getattr(skimage.data, name)()) for name in PHOTOS]
-    total = 0
-    for k in range(classes):
-        (root / f"class{k}").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
+_PHOTOS: list = []  # the photos, loaded once per process that makes JPEGs
+
+
+def _photos() -> list:
+    if not _PHOTOS:
+        try:  # an optional dependency: the [bench] extra (and [dev])
+            import skimage.data
+        except ImportError:
+            raise BadInput(
+                "the benchmarks make their JPEGs from scikit-image's photos: "
+                "pip install 'alexnet[bench]'"
+            ) from None
+        _PHOTOS.extend(Image.fromarray(getattr(skimage.data, name)()) for name in PHOTOS)
+    return _PHOTOS
+
+
+def _make_jpegs(task) -> int:
+    """JPEGs i0..i1-1 (one worker's share); each image a function of (seed, i) alone, so the
+    files are the same whatever the number of workers."""
+    root, i0, i1, classes, seed = task
+    photos, total = _photos(), 0
+    for i in range(i0, i1):
+        rng = np.random.default_rng([seed, i])
         img = photos[i % len(photos)]
         w, h = (500, 375) if rng.random() < 0.75 else (375, 500)
         s = rng.uniform(0.6, 1.0) * min(img.width / w, img.height / h)
@@ -56,10 +66,25 @@ def make_jpegs(root: Path, n: int, classes: int = 8, seed: int = 0) -> int:
         out = img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BILINEAR)
         if rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        path = root / f"class{i % classes}" / f"img{i:05d}.jpg"
+        path = Path(root) / f"class{i % classes}" / f"img{i:05d}.jpg"
         out.save(path, "JPEG", quality=90)
         total += path.stat().st_size
     return total
+
+
+def make_jpegs(root: Path, n: int, classes: int = 8, seed: int = 0, workers: int = 1) -> int:
+    """n JPEGs of ImageNet-typical size in root/<class>/ (an ImageFolder tree), made by
+    `workers` processes (20,000 take minutes on one core); returns their total bytes."""
+    _photos()  # a missing scikit-image is a clear error here, not in a worker
+    for k in range(classes):
+        (root / f"class{k}").mkdir(parents=True, exist_ok=True)
+    workers = max(1, min(workers, n))
+    step = -(-n // (4 * workers)) if n else 1  # a few tasks per worker: an even finish
+    tasks = [(str(root), i, min(n, i + step), classes, seed) for i in range(0, n, step)]
+    if workers == 1:
+        return sum(map(_make_jpegs, tasks))
+    with mp.get_context("fork").Pool(workers) as pool:  # as `alexnet prepare`'s workers
+        return sum(pool.imap_unordered(_make_jpegs, tasks))
 
 
 def _children_memory_mb() -> dict[str, float]:
@@ -154,7 +179,7 @@ def _run_bench(images, workers, encoding, seed, min_seconds, log) -> dict:
     with tempfile.TemporaryDirectory(prefix="alexnet-bench-") as tmp:
         src = Path(tmp) / "jpegs"
         t0 = time.perf_counter()
-        jpeg_bytes = make_jpegs(src, images, seed=seed)
+        jpeg_bytes = make_jpegs(src, images, seed=seed, workers=max(1, workers))
         log(
             f"made {images} JPEGs ({jpeg_bytes / images / 1024:.0f} KiB each) in "
             f"{time.perf_counter() - t0:.1f} s"

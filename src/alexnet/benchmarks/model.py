@@ -38,6 +38,7 @@ from alexnet.model import build_model
 from alexnet.speed import (
     FastMode,
     autocast,
+    configure_backends,
     cpu_has_bf16,
     default_fast_mode,
     maybe_compile,
@@ -166,6 +167,7 @@ def run_model_bench(
     modes = list(modes) if modes else available_modes(device)
     parsed = [FastMode.from_label(m) for m in modes]
     tuned = tune_cpu_allocator() if (tune_allocator and device.type == "cpu") else False
+    configure_backends(device)  # as training does: cudnn.benchmark on CUDA
     infer_steps = steps if infer_steps is None else infer_steps
     machine = machine_info(device)
 
@@ -275,6 +277,7 @@ def run_model_bench(
             "allocator_tuned": tuned,
             "optimizer": "SGD(lr=1e-4, momentum=0.9, weight_decay=5e-4)",
             "lrn_backend": _lrn_backend(),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) and device.type == "cuda",
         },
     }
 

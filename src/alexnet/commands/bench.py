@@ -1,4 +1,4 @@
-"""`alexnet bench model` and `alexnet bench data` (alexnet.benchmarks)."""
+"""`alexnet bench model`, `convs`, `data` and `e2e` (alexnet.benchmarks)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from alexnet.benchmarks import convs, e2e
 from alexnet.benchmarks import data as bd
 from alexnet.benchmarks import model as bm
 from alexnet.benchmarks import ops as bo
@@ -124,10 +125,82 @@ def register(sub) -> None:
     o.add_argument("--json", action="store_true")
     o.add_argument("--markdown", metavar="FILE", help="also write the tables into FILE")
     o.set_defaults(handler=run_bench_ops)
+    c = bsub.add_parser(
+        "convs",
+        help="conv2 grouped vs two dense convolutions, conv1, with cudnn.benchmark off and on",
+        description=convs.__doc__.split("\n\n", 1)[1],
+    )
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--batch-size", type=int, default=256, help="default 256")
+    c.add_argument("--steps", type=int, default=20, help="timed repeats per case (default 20)")
+    c.add_argument("--warmup", type=int, default=3, help="warm-up repeats per case (default 3)")
+    c.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    c.add_argument("--markdown", metavar="FILE", help="also write the table into FILE")
+    c.set_defaults(handler=run_bench_convs)
 
     d = bsub.add_parser("data", help="training loader images/s against the ImageFolder baseline")
     add_data_arguments(d)
     d.set_defaults(handler=run_bench_data)
+
+    e = bsub.add_parser(
+        "e2e",
+        help="end-to-end training images/s and GPU busy: store + loader + paper net against a "
+        "torchvision reference loop",
+        description=e2e.__doc__.split("\n\n", 1)[1],
+    )
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--images", type=int, default=20000, help="JPEGs to make (default 20000)")
+    e.add_argument("--steps", type=int, default=200, help="timed steps per loop (default 200)")
+    e.add_argument("--warmup", type=int, default=20, help="warm-up steps per loop (default 20)")
+    e.add_argument("--batch-size", type=int, default=256, help="default 256")
+    e.add_argument("--workers", type=int, help="loader workers for both (default: cores - 1)")
+    e.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    e.add_argument(
+        "--decode",
+        help="comma-separated: cpu (loader workers), gpu (nvJPEG); default both on CUDA",
+    )
+    e.add_argument("--dir", help="work folder for the JPEGs and the store (default: /tmp)")
+    e.add_argument("--markdown", metavar="FILE", help="also write the table into FILE")
+    e.set_defaults(handler=run_bench_e2e)
+
+
+def run_bench_convs(args) -> int:
+    check_markdown_path(args.markdown)
+    result = convs.run_convs_bench(
+        device=resolve_device(args.device or "auto"),
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        log=(lambda *a: None) if args.json else print,
+    )
+    if args.markdown:
+        write_section(args.markdown, convs.format_markdown(result))
+    print(json.dumps(result) if args.json else convs.format_table(result))
+    return 0
+
+
+def run_bench_e2e(args) -> int:
+    check_markdown_path(args.markdown)
+    if args.images < 1:
+        raise BadInput("--images must be positive")
+    decodes = None
+    if args.decode:
+        decodes = tuple(d.strip() for d in args.decode.split(",") if d.strip())
+    result = e2e.run_e2e(
+        images=args.images,
+        steps=args.steps,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=resolve_device(args.device or "auto"),
+        decodes=decodes,
+        work_dir=args.dir,
+        log=(lambda *a: None) if args.json else print,
+    )
+    if args.markdown:
+        write_section(args.markdown, e2e.format_markdown(result))
+    print(json.dumps(result) if args.json else e2e.format_table(result))
+    return 0
 
 
 def _list(text: str) -> list[str]:

@@ -7,7 +7,12 @@ fast (the training and evaluation loaders). docs/data.md describes the store and
 """
 
 from alexnet.data.images import UnreadableImage, paper_image
-from alexnet.data.loader import make_eval_loader, make_train_loader, spread_indices
+from alexnet.data.loader import (
+    TrainLoader,
+    make_eval_loader,
+    make_train_loader,
+    spread_indices,
+)
 from alexnet.data.prepare import prepare_store
 from alexnet.data.store import Stats, Store, open_store
 from alexnet.data.views import (
@@ -21,6 +26,7 @@ from alexnet.data.views import (
 __all__ = [
     "Stats",
     "Store",
+    "TrainLoader",
     "UnreadableImage",
     "epoch_permutation",
     "lighting_basis",

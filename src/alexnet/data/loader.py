@@ -8,6 +8,22 @@ batched tensor ops on the uint8 crops (4x fewer bytes to copy than float), on th
 image in the consumer's process into recycled buffers (~0.1 ms per image; a float batch made in
 a worker would cost more in shared-memory page faults than the arithmetic itself).
 
+Every batch travels with its per-image parameters as tensors: pos (n, 3) int64 = crop top,
+left and reflection, and the lighting offsets (n, 3) float32. On a GPU they are pinned with the
+batch and copied without waiting (non_blocking): a copy from ordinary host memory would make the
+host wait until every kernel queued before it has run, four times a batch.
+
+Decoding on the GPU (`decode="gpu"`, JPEG stores): the workers only read the records, and the
+training process decodes a whole batch at once with torchvision's nvJPEG decoder (the hardware
+JPEG engines of A100/H100-class GPUs), then cuts the crops there; a background thread does it
+one batch ahead, because the decoder returns only when its batch is decoded. `decode="auto"`
+(the default) chooses it on CUDA when a short measurement at the start says the GPU decodes
+faster than the workers would (`measure_decode`); on a CPU the workers decode.
+
+Workers live as long as the loader (persistent): a training run forks them once, not once an
+epoch, since a batch is named by (epoch, batch) and the views are a function of (seed, epoch,
+image). `TrainLoader.epoch(e)` hands out the batches of epoch e from the same workers.
+
 Sharding (DDP): the global batch b of an epoch is positions [b*B*W, (b+1)*B*W) of the epoch's
 permutation (B = batch_size per rank, W = world_size); rank r takes the contiguous slice
 [b*B*W + r*B, b*B*W + (r+1)*B). So N ranks see exactly the global batches that one rank with
@@ -17,17 +33,34 @@ batch_size B*N sees, and the views (a function of seed, epoch, image) are the sa
 from __future__ import annotations
 
 import os
+import queue
 import sys
+import threading
+import time
+import warnings
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from alexnet.config import DataConfig
 from alexnet.data.store import Store, decode_record
 from alexnet.data.views import ViewSpec, epoch_permutation
-from alexnet.devices import available_cpus
+from alexnet.devices import available_cpus, select_device
 from alexnet.errors import BadInput
+
+DECODES = ("auto", "cpu", "gpu")
+
+try:
+    # torchvision's batched nvJPEG decoder (torchvision >= 0.19), called as an operator: 0.29's
+    # Python wrapper warns of its deprecation on every call.
+    import torchvision.io  # noqa: F401  (registers the image operators)
+    from torchvision.io import ImageReadMode
+
+    _CUDA_JPEG = torch.ops.image.decode_jpegs_cuda
+    _GRAY, _RGB = ImageReadMode.GRAY.value, ImageReadMode.RGB.value
+except (ImportError, AttributeError, RuntimeError):  # pragma: no cover
+    _CUDA_JPEG = None
 
 
 def default_loader_workers() -> int:
@@ -50,55 +83,170 @@ def _shared_empty(shape, dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype).share_memory_()
 
 
-def _read_crops(store: Store, split: str, spec: ViewSpec, idx, ys, xs, flips, out) -> None:
-    """uint8 crops (n, C, c, c) of images idx into `out`."""
-    for k, buf in enumerate(store.records(split, idx)):
-        planar = decode_record(buf, store.encoding, store.channels, store.image_size)
-        spec.cut(planar, int(ys[k]), int(xs[k]), bool(flips[k]), out[k])
+# --- decoding a batch where it is used (decode="gpu") ------------------------------------------
 
 
-class _TrainBatches(Dataset):
-    """Item j is global batch start_batch + j (this rank's shard of it), fully determined by
-    (seed, epoch, batch): the same whichever worker makes it."""
+def gpu_decode_available() -> bool:
+    return torch.cuda.is_available() and _CUDA_JPEG is not None
 
-    def __init__(
-        self,
-        store,
-        split,
-        spec,
-        batch_size,
-        seed,
-        epoch,
-        start_batch,
-        rank,
-        world,
-        num_batches: int,
-    ):
-        self.store, self.split, self.spec = store, split, spec
-        self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
-        self.start_batch, self.rank, self.world = start_batch, rank, world
-        self.num_batches = num_batches
-        self._perm = None
 
-    def __len__(self) -> int:
-        return self.num_batches - self.start_batch
+def decode_batch(blob: torch.Tensor, lengths: torch.Tensor, store: Store, device) -> torch.Tensor:
+    """uint8 (n, C, S, S) on `device` from n records packed back to back in `blob` (uint8,
+    on the host). JPEG on CUDA: one batched nvJPEG call; on a CPU: libjpeg-turbo image by image
+    (the same path, for tests and machines without a GPU); raw records: a reshape."""
+    device = torch.device(device)
+    n, c, s = len(lengths), store.channels, store.image_size
+    if store.encoding == "raw":
+        return blob.view(n, c, s, s).to(device, non_blocking=True)
+    parts = list(blob.split(lengths.tolist()))
+    if device.type == "cuda":
+        return torch.stack(_CUDA_JPEG(parts, _GRAY if c == 1 else _RGB, device))
+    out = torch.empty((n, c, s, s), dtype=torch.uint8)
+    for k, part in enumerate(parts):
+        out[k] = torch.from_numpy(decode_record(part.numpy(), store.encoding, c, s))
+    return out
+
+
+def _pack_records(bufs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Records back to back in one uint8 tensor (shared memory in a worker) and their lengths."""
+    lengths = np.fromiter((len(b) for b in bufs), dtype=np.int64, count=len(bufs))
+    blob = _shared_empty((int(lengths.sum()),), torch.uint8)
+    blob.numpy()[:] = np.frombuffer(b"".join(bufs), dtype=np.uint8)
+    return blob, torch.from_numpy(lengths)
+
+
+_MEASURED: dict = {}  # (store, device, workers) -> measure_decode's result, once per process
+
+
+def measure_decode(store: Store, device, workers: int, split: str = "train", images: int = 256):
+    """Which decodes a batch faster here: the GPU (nvJPEG, one batched call), or `workers`
+    worker processes (libjpeg-turbo, timed on one core of this process and multiplied by the
+    workers: an upper bound for the workers, so the GPU is chosen only when it clearly wins;
+    nvJPEG's software path, for JPEGs its hardware engines do not take, decodes on the host in
+    this process and is measured as such). Returns {"decode": "gpu" | "cpu", "gpu_images_per_s",
+    "cpu_images_per_s", "workers", "images"}; measured once per process and store."""
+    device = torch.device(device)
+    key = (str(store.path), str(device), workers)
+    if key in _MEASURED:
+        return _MEASURED[key]
+    n = min(images, store.size(split))
+    bufs = store.records(split, np.arange(n))
+    c, s = store.channels, store.image_size
+    crop = np.empty((c, s, s), np.uint8)
+    t0 = time.perf_counter()
+    for b in bufs:
+        crop[...] = decode_record(b, store.encoding, c, s)
+    cpu_rate = n * max(1, workers) / (time.perf_counter() - t0)
+    blob, lengths = _pack_records(bufs)
+    if device.type == "cuda":
+        blob = blob.pin_memory()
+    decode_batch(blob, lengths, store, device)  # the decoder's set-up, first call only
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        decode_batch(blob, lengths, store, device)
+    _sync(device)
+    gpu_rate = 3 * n / (time.perf_counter() - t0)
+    result = {
+        "decode": "gpu" if gpu_rate > cpu_rate else "cpu",
+        "gpu_images_per_s": round(gpu_rate, 1),
+        "cpu_images_per_s": round(cpu_rate, 1),
+        "workers": workers,
+        "images": n,
+    }
+    _MEASURED[key] = result
+    return result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resolve_decode(decode: str, store: Store, device, workers: int, split: str = "train") -> str:
+    """ "cpu" (the workers decode) or "gpu" (the batch's device decodes) for a loader option."""
+    if decode not in DECODES:
+        raise BadInput(f"unknown decode {decode!r}; valid: {', '.join(DECODES)}")
+    device = torch.device(device)
+    cuda_jpeg = device.type == "cuda" and store.encoding == "jpeg"
+    if decode == "gpu" and cuda_jpeg and _CUDA_JPEG is None:
+        raise BadInput("decode=gpu: this torchvision has no CUDA JPEG decoder (nvJPEG)")
+    if decode != "auto":
+        return decode
+    if not cuda_jpeg or _CUDA_JPEG is None:
+        return "cpu"
+    try:
+        return measure_decode(store, device, workers, split)["decode"]
+    except RuntimeError as e:  # an nvJPEG failure: the workers decode, as everywhere else
+        warnings.warn(f"GPU JPEG decoding failed ({e}); the loader workers decode", stacklevel=2)
+        return "cpu"
+
+
+# --- the batches the workers make --------------------------------------------------------------
+
+
+class _Batches(Dataset):
+    """What a worker returns for a batch: (payload, lengths, labels, pos, offsets).
+
+    payload: the uint8 crops (n, C, c, c), cut in the worker (decode "cpu"), or the records
+    back to back (decode "gpu"; `lengths` then gives their sizes, else None). pos: int64 (n, 3)
+    crop top, left, reflection; offsets: float32 (n, 3) lighting offsets or None. With
+    `per_image` views of each image (evaluation), row r of pos is a view of image r // per_image.
+    """
+
+    def __init__(self, store: Store, split: str, gpu_decode: bool):
+        self.store, self.split, self.gpu_decode = store, split, gpu_decode
+
+    def _make(self, spec: ViewSpec, idx, ys, xs, flips, offsets, per_image: int = 1):
+        labels = torch.from_numpy(self.store.labels(self.split)[idx].astype(np.int64))
+        pos = torch.from_numpy(np.stack([ys, xs, flips], 1).astype(np.int64))
+        off = None if offsets is None else torch.from_numpy(np.asarray(offsets, np.float32))
+        st = self.store
+        bufs = st.records(self.split, idx)
+        if self.gpu_decode:
+            blob, lengths = _pack_records(bufs)
+            return blob, lengths, labels, pos, off
+        c = spec.crop
+        u8t = _shared_empty((len(ys), st.channels, c, c), torch.uint8)
+        u8 = u8t.numpy()
+        for k, buf in enumerate(bufs):
+            planar = decode_record(buf, st.encoding, st.channels, st.image_size)
+            for t in range(per_image):
+                r = k * per_image + t
+                spec.cut(planar, int(ys[r]), int(xs[r]), bool(flips[r]), u8[r])
+        return u8t, None, labels, pos, off
+
+
+class _TrainBatches(_Batches):
+    """Item (epoch, b, lighting) is global batch b of that epoch (this rank's shard of it),
+    fully determined by (seed, epoch, b): the same whichever worker makes it, whenever."""
+
+    def __init__(self, store, split, specs, batch_size, seed, rank, world, gpu_decode: bool):
+        super().__init__(store, split, gpu_decode)
+        self.specs = specs  # {lighting on: ViewSpec, off: ViewSpec}
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world = rank, world
+        self._perms: dict[int, np.ndarray] = {}
 
     def positions(self, b: int) -> np.ndarray:
         g = self.batch_size * self.world
         start = b * g + self.rank * self.batch_size
         return np.arange(start, start + self.batch_size)
 
-    def __getitem__(self, j: int):
-        if self._perm is None:
-            self._perm = epoch_permutation(self.store.size(self.split), self.seed, self.epoch)
-        pos = self.positions(self.start_batch + j)
-        idx = self._perm[pos]
-        labels = torch.from_numpy(self.store.labels(self.split)[idx].astype(np.int64))
-        ys, xs, flips, offsets = self.spec.train_params(self.seed, self.epoch, idx, pos)
-        c = self.spec.crop
-        u8 = _shared_empty((len(idx), self.store.channels, c, c), torch.uint8)
-        _read_crops(self.store, self.split, self.spec, idx, ys, xs, flips, u8.numpy())
-        return u8, labels, (ys, xs, flips, offsets)
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # the epoch ending and the one starting
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = epoch_permutation(self.store.size(self.split), self.seed, epoch)
+        return self._perms[epoch]
+
+    def __getitem__(self, key):
+        epoch, b, lighting = key
+        spec = self.specs[bool(lighting)]
+        pos = self.positions(b)
+        idx = self._perm(epoch)[pos]
+        ys, xs, flips, offsets = spec.train_params(self.seed, epoch, idx, pos)
+        return self._make(spec, idx, ys, xs, flips, offsets)
 
 
 def spread_indices(size: int, n: int | None) -> np.ndarray:
@@ -112,15 +260,14 @@ def spread_indices(size: int, n: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, size - 1, n).round().astype(np.int64))
 
 
-class _EvalBatches(Dataset):
+class _EvalBatches(_Batches):
     """Rank r of W takes the r-th of W contiguous, equal (+-1) blocks of the images (all, or
     `limit` spread evenly over the split), in batches (the last may be short): the ranks share
     the work evenly whatever the batch size."""
 
-    def __init__(self, store, split, spec, batch_size, views, rank, world, limit=None):
-        self.store, self.split, self.spec = store, split, spec
-        self.batch_size, self.views = batch_size, views
-        self.rank, self.world = rank, world
+    def __init__(self, store, split, spec, batch_size, views, rank, world, limit, gpu_decode):
+        super().__init__(store, split, gpu_decode)
+        self.spec, self.batch_size, self.views = spec, batch_size, views
         self.index = spread_indices(store.size(split), limit)
         n = len(self.index)
         self.lo, self.hi = rank * n // world, (rank + 1) * n // world
@@ -132,21 +279,11 @@ class _EvalBatches(Dataset):
     def __getitem__(self, j: int):
         s = self.starts[j]
         idx = self.index[s : min(self.hi, s + self.batch_size)]
-        labels = torch.from_numpy(self.store.labels(self.split)[idx].astype(np.int64))
         pos, fl = self.spec.eval_layout(self.views)
-        v, c = len(pos), self.spec.crop
         ys = np.tile([p[0] for p in pos], len(idx))
         xs = np.tile([p[1] for p in pos], len(idx))
         flips = np.tile(fl, len(idx))
-        u8t = _shared_empty((len(idx) * v, self.store.channels, c, c), torch.uint8)
-        u8 = u8t.numpy()
-        st = self.store
-        for k, buf in enumerate(st.records(self.split, idx)):
-            planar = decode_record(buf, st.encoding, st.channels, st.image_size)
-            for t in range(v):
-                r = k * v + t
-                self.spec.cut(planar, int(ys[r]), int(xs[r]), bool(flips[r]), u8[r])
-        return u8t, labels, (ys, xs, flips, None)
+        return self._make(self.spec, idx, ys, xs, flips, None, per_image=self.views)
 
 
 _POOL: list[np.ndarray] = []  # output arrays of the CPU path, shared by the loaders of a process
@@ -171,12 +308,116 @@ def _as_is(batch):
     return batch
 
 
-class _Loader:
-    """Iterates (images, labels) on `device`, from a batch dataset, in order."""
+class _Keys(Sampler):
+    """The items of the next pass (set before each): one persistent DataLoader serves them all."""
 
-    def __init__(self, dataset, spec, workers: int, device, views: int | None, length: int):
-        self.dataset, self.spec = dataset, spec
+    def __init__(self):
+        self.keys: list = []
+
+    def __iter__(self):
+        return iter(list(self.keys))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class _Workers:
+    """Worker processes making a dataset's batches, started at the first pass and kept until
+    close(): one fork per loader, not one per epoch (16 workers forked from a process holding
+    a CUDA context cost about a second)."""
+
+    def __init__(self, dataset: _Batches, workers: int, device: torch.device):
+        self.dataset, self.workers, self.device = dataset, workers, device
+        self._keys = _Keys()
+        self._dl: DataLoader | None = None
+
+    def batches(self, keys):
+        """The workers' batches for `keys`, in order."""
+        if self.workers == 0:
+            for k in keys:
+                yield self.dataset[k]
+            return
+        if self._dl is None:
+            self._dl = DataLoader(
+                self.dataset,
+                batch_size=None,
+                sampler=self._keys,
+                num_workers=self.workers,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=2,
+                persistent_workers=True,
+                collate_fn=_as_is,
+                # Its own generator: creating an iterator draws a seed, which from torch's global
+                # generator would shift the dropout masks with the number of workers and passes
+                # (the views are hashed and need no seed).
+                generator=torch.Generator().manual_seed(0),
+            )
+        self._keys.keys = list(keys)
+        yield from self._dl
+
+    def worker_pids(self) -> list[int]:
+        it = getattr(self._dl, "_iterator", None)
+        return [w.pid for w in getattr(it, "_workers", [])]
+
+    def close(self) -> None:
+        """Stop the workers (they also stop with the process)."""
+        it = getattr(self._dl, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()
+        self._dl = None
+
+
+def _ahead(items, fn, device: torch.device, depth: int = 2):
+    """fn(item) for every item, computed by a background thread up to `depth` items ahead (the
+    nvJPEG call returns only when its batch is decoded; meanwhile the training thread queues
+    the next step). Stops the thread when the consumer stops."""
+    out: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            select_device(device)  # the current CUDA device is per thread
+            for item in items:
+                if not put(("batch", fn(item))):
+                    return
+            put(("end", None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put(("error", e))
+        finally:
+            items.close()
+
+    thread = threading.Thread(target=work, name="alexnet-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = out.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _Loader:
+    """Iterates (images, labels) on `device` over one pass of keys (an epoch of training
+    batches, or the evaluation batches). Iterating it again reuses the same workers."""
+
+    def __init__(self, workers: _Workers, keys, spec: ViewSpec, device, views: int, length: int):
         self.workers = workers
+        self.keys = list(keys)
+        self.spec = spec
         self.device = torch.device(device)
         self.views = views
         self.length = length
@@ -184,43 +425,113 @@ class _Loader:
     def __len__(self) -> int:
         return self.length
 
-    def _batches(self):
-        if self.workers == 0:
-            for j in range(len(self.dataset)):
-                yield self.dataset[j]
-            return
-        yield from DataLoader(
-            self.dataset,
-            batch_size=None,
-            shuffle=False,
-            num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=2,
-            persistent_workers=False,
-            collate_fn=_as_is,
-        )
+    @property
+    def decode(self) -> str:
+        return "gpu" if self.workers.dataset.gpu_decode else "cpu"
+
+    def close(self) -> None:
+        self.workers.close()
+
+    def _deliver(self, batch):
+        payload, lengths, labels, pos, offsets = batch
+        dev, spec = self.device, self.spec
+        if lengths is None and dev.type == "cpu":
+            # The CPU path: the float work image by image with numpy, into a recycled buffer.
+            p = pos.numpy()
+            out = _buffer((payload.shape[0], 3, *payload.shape[2:]))
+            off = None if offsets is None else offsets.numpy()
+            images = spec.finish(payload, p[:, 0], p[:, 1], p[:, 2] != 0, off, out=out)
+        else:
+            # The parameters come with the batch, pinned: copies that do not wait for the GPU.
+            pos = pos.to(dev, non_blocking=True)
+            if offsets is not None:
+                offsets = offsets.to(dev, non_blocking=True)
+            ys, xs, flips = pos[:, 0], pos[:, 1], pos[:, 2]
+            if lengths is None:
+                u8 = payload.to(dev, non_blocking=True)
+            else:
+                whole = decode_batch(payload, lengths, self.workers.dataset.store, dev)
+                u8 = spec.cut_torch(whole, ys, xs, flips, per_image=self.views)
+            images = spec.finish_torch(u8, ys, xs, flips, offsets)
+        labels = labels.to(dev, non_blocking=True)
+        if self.views == 10:
+            images = images.view(-1, 10, *images.shape[1:])
+        return images, labels
 
     def __iter__(self):
-        for u8, labels, (ys, xs, flips, offsets) in self._batches():
-            # The float work happens where the batch is used: on a GPU as batched tensor ops
-            # on the uint8 crops (4x fewer bytes to copy), on the CPU image by image.
-            if self.device.type == "cpu":
-                out = _buffer((u8.shape[0], 3, *u8.shape[2:]))
-                images = self.spec.finish(u8, ys, xs, flips, offsets, out=out)
-            else:
-                images = self.spec.finish(
-                    u8.to(self.device, non_blocking=True), ys, xs, flips, offsets
-                )
-            labels = labels.to(self.device, non_blocking=True)
-            if self.views == 10:
-                images = images.view(-1, 10, *images.shape[1:])
-            yield images, labels
+        batches = self.workers.batches(self.keys)
+        if self.workers.dataset.gpu_decode:
+            yield from _ahead(batches, self._deliver, self.device)
+        else:
+            for batch in batches:
+                yield self._deliver(batch)
 
 
 def _spec(store: Store, data: DataConfig, lighting: bool, stats=None) -> ViewSpec:
     # stats: the store's own statistics unless given (fine-tuning may keep the pre-trained's)
     stats = store.stats if stats is None else stats
     return ViewSpec.build(data, stats, store.image_size, lighting=lighting)
+
+
+class TrainLoader:
+    """Training batches epoch after epoch from one set of worker processes:
+    `loader.epoch(e, start_batch)` iterates (float32 (B, 3, c, c) on device, int64 (B,) labels)
+    of epoch e. len() is the number of batches in an epoch (drop_last over global batches of
+    batch_size * world_size). `close()` stops the workers."""
+
+    def __init__(
+        self,
+        store: Store,
+        data: DataConfig,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int | None = None,
+        device="cpu",
+        split: str = "train",
+        decode: str = "auto",
+        stats=None,  # the store's own statistics unless given (fine-tuning: --init-stats init)
+    ):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise BadInput(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
+        n = store.size(split)
+        self.num_batches = n // (batch_size * world_size)
+        if self.num_batches == 0:
+            raise BadInput(
+                f"the {split} split has {n} images, fewer than one global batch of "
+                f"{batch_size * world_size}"
+            )
+        self.workers = default_loader_workers() if workers is None else workers
+        self.device = torch.device(device)
+        self.specs = {on: _spec(store, data, on, stats) for on in (True, False)}
+        self.decode = resolve_decode(decode, store, self.device, self.workers, split)
+        ds = _TrainBatches(
+            store, split, self.specs, batch_size, seed, rank, world_size, self.decode == "gpu"
+        )
+        self._workers = _Workers(ds, self.workers, self.device)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def epoch(
+        self, epoch: int, start_batch: int = 0, stop: int | None = None, lighting: bool = True
+    ) -> _Loader:
+        """Batches start_batch .. stop-1 (default: to the epoch's end) of epoch `epoch`, exactly
+        those an uninterrupted epoch yields there. `lighting=False` turns PCA lighting off
+        (cuda-convnet switched colour noise off at epoch 67)."""
+        stop = self.num_batches if stop is None else min(stop, self.num_batches)
+        if not 0 <= start_batch <= stop:
+            raise BadInput(f"start_batch {start_batch} outside 0..{stop}")
+        keys = [(epoch, b, bool(lighting)) for b in range(start_batch, stop)]
+        spec = self.specs[bool(lighting)]
+        return _Loader(self._workers, keys, spec, self.device, 1, self.num_batches)
+
+    def worker_pids(self) -> list[int]:
+        return self._workers.worker_pids()
+
+    def close(self) -> None:
+        self._workers.close()
 
 
 def make_train_loader(
@@ -236,6 +547,7 @@ def make_train_loader(
     device="cpu",
     lighting: bool = True,
     split: str = "train",
+    decode: str = "auto",
     stats=None,
 ):
     """Training batches of one epoch: (float32 (B, 3, c, c) on device, int64 (B,) labels).
@@ -243,34 +555,10 @@ def make_train_loader(
     len() is the number of batches in the epoch (drop_last over global batches of
     batch_size * world_size); iteration yields batches start_batch .. len()-1, exactly those an
     uninterrupted epoch would yield there. `lighting=False` turns PCA lighting off (cuda-convnet
-    switched colour noise off at epoch 67)."""
-    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise BadInput(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
-    n = store.size(split)
-    num_batches = n // (batch_size * world_size)
-    if num_batches == 0:
-        raise BadInput(
-            f"the {split} split has {n} images, fewer than one global batch of "
-            f"{batch_size * world_size}"
-        )
-    if not 0 <= start_batch <= num_batches:
-        raise BadInput(f"start_batch {start_batch} outside 0..{num_batches}")
-    workers = default_loader_workers() if workers is None else workers
-    device = torch.device(device)
-    spec = _spec(store, data, lighting, stats)
-    ds = _TrainBatches(
-        store,
-        split,
-        spec,
-        batch_size,
-        seed,
-        epoch,
-        start_batch,
-        rank,
-        world_size,
-        num_batches=num_batches,
-    )
-    return _Loader(ds, spec, workers, device, None, num_batches)
+    switched colour noise off at epoch 67). For many epochs, TrainLoader keeps its workers."""
+    loader = TrainLoader(store, data, batch_size, seed, rank, world_size, workers, device, split,
+                         decode, stats)  # fmt: skip
+    return loader.epoch(epoch, start_batch, lighting=lighting)
 
 
 def make_eval_loader(
@@ -284,17 +572,20 @@ def make_eval_loader(
     rank: int = 0,
     world_size: int = 1,
     limit: int | None = None,
+    decode: str = "auto",
     stats=None,
 ):
     """Every image of `split` (or `limit` of them spread evenly over it, see spread_indices)
     exactly once, in store order (rank r of W gets the r-th of W contiguous blocks; the last
     batch may be short): images (B, 3, c, c) for views=1 (the centre crop) or (B, 10, 3, c, c)
-    for views=10 (ten_crop order), mean subtracted, no lighting."""
+    for views=10 (ten_crop order), mean subtracted, no lighting. Iterating it again (every
+    epoch's validation) reuses its workers; close() stops them."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise BadInput(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
     workers = default_loader_workers() if workers is None else workers
     device = torch.device(device)
     spec = _spec(store, data, lighting=False, stats=stats)
     spec.eval_layout(views)  # validates views
-    ds = _EvalBatches(store, split, spec, batch_size, views, rank, world_size, limit)
-    return _Loader(ds, spec, workers, device, views, len(ds))
+    gpu = resolve_decode(decode, store, device, workers, split) == "gpu"
+    ds = _EvalBatches(store, split, spec, batch_size, views, rank, world_size, limit, gpu)
+    return _Loader(_Workers(ds, workers, device), range(len(ds)), spec, device, views, len(ds))

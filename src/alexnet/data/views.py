@@ -267,39 +267,61 @@ class ViewSpec:
         return cache["m"]
 
     def finish_torch(self, u8: torch.Tensor, ys, xs, flips, offsets) -> torch.Tensor:
-        """finish() as batched tensor ops on u8's device (the GPU path)."""
+        """finish() as batched tensor ops on u8's device (the GPU path).
+
+        ys, xs, flips and offsets are best given as tensors already on u8's device (the loader
+        copies them there with the batch, from pinned memory, without waiting): an array from
+        the host here would be a synchronous copy, which waits for every kernel queued before
+        it. The constants (mean image, channel mean, scale) are copied once per device."""
         dev = u8.device
         n, c, s = u8.shape[0], self.crop, self.size
         x = u8.float()
         if x.shape[1] == 1:
             x = x.expand(n, 3, c, c)
-        mean = self._mean_t(dev)
         if self.mean == "image":
+            mean = self._const_t("mean_image", dev)
             ar = torch.arange(c, device=dev)
             ys_t = torch.as_tensor(ys, device=dev)[:, None]
             xs_t = torch.as_tensor(xs, device=dev)[:, None]
-            fl = torch.as_tensor(flips, device=dev)[:, None]
+            fl = torch.as_tensor(flips, device=dev)[:, None].bool()
             rows = ys_t + ar
             cols = torch.where(fl, xs_t + (c - 1 - ar), xs_t + ar)
             m = mean[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
         elif self.mean == "center":
             o = (s - c) // 2
-            m = mean[None, :, o : o + c, o : o + c]
+            m = self._const_t("mean_image", dev)[None, :, o : o + c, o : o + c]
         else:
-            m = torch.as_tensor(self.channel_mean, device=dev)[None, :, None, None]
+            m = self._const_t("channel_mean", dev)[None, :, None, None]
         x = x - m
         if offsets is not None:
             x = x + torch.as_tensor(offsets, device=dev)[:, :, None, None]
-        scale = self.scale()
-        if scale is not None:
-            x = x * torch.as_tensor(scale, device=dev)[None, :, None, None]
+        if self.scale() is not None:
+            x = x * self._const_t("scale", dev)[None, :, None, None]
         return x.contiguous()
 
-    def _mean_t(self, dev) -> torch.Tensor:
-        cache = self.__dict__.setdefault("_mean_t_cache", {})
-        key = str(dev)
+    def cut_torch(self, images: torch.Tensor, ys, xs, flips, per_image: int = 1) -> torch.Tensor:
+        """cut() for a batch on its device: uint8 (m, C, S, S) whole images -> the (n, C, c, c)
+        crops at (ys, xs), reflected where flips; row r of the output is cut from image
+        r // per_image (the ten evaluation views of one image share its decode)."""
+        dev, c = images.device, self.crop
+        n = len(ys)
+        ar = torch.arange(c, device=dev)
+        ys_t = torch.as_tensor(ys, device=dev)[:, None]
+        xs_t = torch.as_tensor(xs, device=dev)[:, None]
+        fl = torch.as_tensor(flips, device=dev)[:, None].bool()
+        rows = ys_t + ar  # (n, c)
+        cols = torch.where(fl, xs_t + (c - 1 - ar), xs_t + ar)
+        which = torch.arange(n, device=dev) // per_image
+        # Advanced indices around a slice put their dimensions first: (n, c, c, C).
+        out = images[which[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+        return out.permute(0, 3, 1, 2).contiguous()
+
+    def _const_t(self, name: str, dev) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_const_t_cache", {})
+        key = (name, str(dev))
         if key not in cache:
-            cache[key] = torch.as_tensor(self.mean_image, device=dev)
+            value = self.scale() if name == "scale" else getattr(self, name)
+            cache[key] = torch.as_tensor(np.asarray(value, np.float32), device=dev)
         return cache[key]
 
     def __getstate__(self):  # caches stay behind
