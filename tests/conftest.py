@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 
 # The LRN's compiled kernels are checked against the formula in test_lrn.py; everywhere else the
 # eager form keeps the tests fast (no compilation per shape) and their numerics independent of
@@ -77,3 +79,30 @@ def reference_config(store: Path, out: Path) -> tuple:
     run = RunConfig(data=str(store), out=str(out), seed=3, fast=False, log_every=1, val_limit=6,
                     workers=0)  # fmt: skip
     return profile, run
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (TimeoutError) instead of hanging: for the tests of what used to block forever."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: it hangs")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def one_line_error(err: str, *names: str) -> str:
+    """The single line a user error prints (`alexnet CMD: error: ...`), naming each of `names`."""
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1, f"not one line:\n{err}"
+    assert ": error: " in lines[0], lines[0]
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    assert "Traceback" not in err
+    return lines[0]
