@@ -24,10 +24,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from alexnet.config import DataConfig
-from alexnet.data.store import Store, decode_record
+from alexnet.data.store import Store
 from alexnet.data.views import ViewSpec, epoch_permutation
 from alexnet.devices import available_cpus
-from alexnet.errors import BadInput
+from alexnet.errors import BadInput, UserError
 
 
 def default_loader_workers() -> int:
@@ -51,9 +51,9 @@ def _shared_empty(shape, dtype) -> torch.Tensor:
 
 
 def _read_crops(store: Store, split: str, spec: ViewSpec, idx, ys, xs, flips, out) -> None:
-    """uint8 crops (n, C, c, c) of images idx into `out`."""
-    for k, buf in enumerate(store.records(split, idx)):
-        planar = decode_record(buf, store.encoding, store.channels, store.image_size)
+    """uint8 crops (n, C, c, c) of images idx into `out` (a corrupt record: BadInput naming
+    the store, split and index)."""
+    for k, planar in enumerate(store.planars(split, idx)):
         spec.cut(planar, int(ys[k]), int(xs[k]), bool(flips[k]), out[k])
 
 
@@ -141,8 +141,7 @@ class _EvalBatches(Dataset):
         u8t = _shared_empty((len(idx) * v, self.store.channels, c, c), torch.uint8)
         u8 = u8t.numpy()
         st = self.store
-        for k, buf in enumerate(st.records(self.split, idx)):
-            planar = decode_record(buf, st.encoding, st.channels, st.image_size)
+        for k, planar in enumerate(st.planars(self.split, idx)):
             for t in range(v):
                 r = k * v + t
                 self.spec.cut(planar, int(ys[r]), int(xs[r]), bool(flips[r]), u8[r])
@@ -164,6 +163,17 @@ def _buffer(shape) -> np.ndarray:
     if len(_POOL) > 3:
         _POOL.pop(0)
     return a
+
+
+def _worker_message(e: BaseException) -> str:
+    """The message of the exception a DataLoader worker raised, from the text DataLoader
+    re-raises it with ("Caught X in DataLoader worker ... Original Traceback ... X: msg")."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    head = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return last[len(head) :] if last.startswith(head) else last
 
 
 def _as_is(batch):
@@ -189,16 +199,21 @@ class _Loader:
             for j in range(len(self.dataset)):
                 yield self.dataset[j]
             return
-        yield from DataLoader(
-            self.dataset,
-            batch_size=None,
-            shuffle=False,
-            num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=2,
-            persistent_workers=False,
-            collate_fn=_as_is,
-        )
+        try:
+            yield from DataLoader(
+                self.dataset,
+                batch_size=None,
+                shuffle=False,
+                num_workers=self.workers,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=2,
+                persistent_workers=False,
+                collate_fn=_as_is,
+            )
+        except UserError as e:
+            # DataLoader re-raises a worker's exception with the worker's whole traceback as
+            # its message: a user error (a corrupt record) is one line, its own.
+            raise type(e)(_worker_message(e)) from None
 
     def __iter__(self):
         for u8, labels, (ys, xs, flips, offsets) in self._batches():
