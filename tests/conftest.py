@@ -98,11 +98,13 @@ def deadline(seconds: int):
 
 
 def one_line_error(err: str, *names: str) -> str:
-    """The single line a user error prints (`alexnet CMD: error: ...`), naming each of `names`."""
+    """The user error a command printed on stderr: one line `alexnet CMD: error: ...`, the last
+    one (a message of several lines would end in another), naming each of `names`; never a
+    traceback."""
+    assert "Traceback" not in err, err
     lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1, f"not one line:\n{err}"
-    assert ": error: " in lines[0], lines[0]
+    errors = [x for x in lines if ": error: " in x]
+    assert len(errors) == 1 and lines[-1] == errors[0], f"not one error line:\n{err}"
     for name in names:
-        assert str(name) in lines[0], (name, lines[0])
-    assert "Traceback" not in err
-    return lines[0]
+        assert str(name) in errors[0], (name, errors[0])
+    return errors[0]
