@@ -119,18 +119,20 @@ def test_item2_a_killed_prepare_worker_is_an_error_within_seconds_and_a_rerun_re
             t0 = time.time()
             while len(list(out.glob(".prepare/*.npz"))) < 2 and time.time() - t0 < 30:
                 time.sleep(0.01)
+            (tmp_path / "killed_at").write_text(repr(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
         return real(data, params)
 
     monkeypatch.setattr(prep, "encode_item", dying)
-    t0 = time.perf_counter()
     with deadline(60):
         rc = cli_main(argv)
-    elapsed = time.perf_counter() - t0
-    print(f"the killed worker ended the command after {elapsed:.2f} s")
+    latency = time.time() - float((tmp_path / "killed_at").read_text())
+    err = capsys.readouterr().err
+    with capsys.disabled():
+        print(f"\nthe command ended {latency:.3f} s after its worker was killed")
     assert rc == 2
-    one_line_error(capsys.readouterr().err, out, "worker process died", "run the same command")
-    assert elapsed < 30
+    one_line_error(err, out, "worker process died", "run the same command")
+    assert latency < 10
     # The chunks finished (shard and result file both written) are kept as they are.
     done = {f"{p.stem.split('-')[0]}/shard-{p.stem.split('-')[1]}.bin"
             for p in out.glob(".prepare/*.npz")}  # fmt: skip
