@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from alexnet.config import apply_overrides, get_profile
 from alexnet.data import prepare_store
@@ -108,3 +109,11 @@ def one_line_error(err: str, *names: str) -> str:
     for name in names:
         assert str(name) in errors[0], (name, errors[0])
     return errors[0]
+
+
+def tensorboard_steps(run: Path, tag: str = "train/loss") -> list[int]:
+    """The steps of a scalar in a run's TensorBoard events, as TensorBoard shows them (orphaned
+    events of a run that was resumed purged)."""
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]

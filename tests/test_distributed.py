@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -82,8 +83,18 @@ def test_two_ranks_killed_then_resumed_on_one_rank(one_process_run, tiny_store, 
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() - t0 < 400, "timed out"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, at once
+    # The launcher and both ranks, at once. torchrun starts each rank in a session of its own,
+    # so killing the launcher's process group would leave the ranks training on, writing the
+    # run folder (the resume below would then, rightly, find it in use).
+    ranks = list(rank_pids(proc.pid).values())
+    assert len(ranks) == 2
+    for pid in [proc.pid, *ranks]:
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    # The killed rank 0's lock on the run folder goes when its last thread has exited.
+    while not lock_is_free(out):
+        assert time.time() - t0 < 400, "the killed rank 0 does not exit"
+        time.sleep(0.05)
     # Resume with a different number of ranks: one process continues the same run.
     assert cli_main(["train", "--resume", str(out)]) == 0
     assert_same_weights(one_process_run, out)
@@ -197,6 +208,17 @@ def test_item12_every_rank_resumes_rank_0s_checkpoint_not_its_own_copy(
     assert [p.returncode for p in procs] == [0, 0], logs
     assert checkpoint.load_state(a / "run" / "state.pt")["position"]["step"] == 8
     assert_same_weights(one_process_run, a / "run")
+
+
+def lock_is_free(folder: Path) -> bool:
+    """Whether no process holds the folder's lock (fileio.exclusive_lock) now."""
+    with open(folder / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
 
 
 def rank_pids(launcher: int) -> dict[int, int]:
