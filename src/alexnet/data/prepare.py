@@ -406,6 +406,7 @@ def _pool_map(source, params, out: Path, todo, workers: int):
         ok = True
     finally:
         if not ok:  # an error or Ctrl-C: no waiting for the other workers' chunks (redone later)
+            # (no public way to stop the workers before Python 3.14's kill_workers)
             for proc in list((getattr(ex, "_processes", None) or {}).values()):
                 proc.kill()
         ex.shutdown(wait=ok, cancel_futures=True)
