@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 
 # The LRN's compiled kernels are checked against the formula in test_lrn.py; everywhere else the
 # eager form keeps the tests fast (no compilation per shape) and their numerics independent of
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from alexnet.config import apply_overrides, get_profile
 from alexnet.data import prepare_store
@@ -77,3 +80,40 @@ def reference_config(store: Path, out: Path) -> tuple:
     run = RunConfig(data=str(store), out=str(out), seed=3, fast=False, log_every=1, val_limit=6,
                     workers=0)  # fmt: skip
     return profile, run
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (TimeoutError) instead of hanging: for the tests of what used to block forever."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: it hangs")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def one_line_error(err: str, *names: str) -> str:
+    """The user error a command printed on stderr: one line `alexnet CMD: error: ...`, the last
+    one (a message of several lines would end in another), naming each of `names`; never a
+    traceback."""
+    assert "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    errors = [x for x in lines if ": error: " in x]
+    assert len(errors) == 1 and lines[-1] == errors[0], f"not one error line:\n{err}"
+    for name in names:
+        assert str(name) in errors[0], (name, errors[0])
+    return errors[0]
+
+
+def tensorboard_steps(run: Path, tag: str = "train/loss") -> list[int]:
+    """The steps of a scalar in a run's TensorBoard events, as TensorBoard shows them (orphaned
+    events of a run that was resumed purged)."""
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from alexnet import checkpoint
 from alexnet.commands import main as cli_main
 from alexnet.model import build_model
 from test_train import steps_logged, weights
@@ -78,8 +83,18 @@ def test_two_ranks_killed_then_resumed_on_one_rank(one_process_run, tiny_store, 
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() - t0 < 400, "timed out"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, at once
+    # The launcher and both ranks, at once. torchrun starts each rank in a session of its own,
+    # so killing the launcher's process group would leave the ranks training on, writing the
+    # run folder (the resume below would then, rightly, find it in use).
+    ranks = list(rank_pids(proc.pid).values())
+    assert len(ranks) == 2
+    for pid in [proc.pid, *ranks]:
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    # The killed rank 0's lock on the run folder goes when its last thread has exited.
+    while not lock_is_free(out):
+        assert time.time() - t0 < 400, "the killed rank 0 does not exit"
+        time.sleep(0.05)
     # Resume with a different number of ranks: one process continues the same run.
     assert cli_main(["train", "--resume", str(out)]) == 0
     assert_same_weights(one_process_run, out)
@@ -216,3 +231,131 @@ def test_select_device_gives_set_device_an_index(monkeypatch):
     select_device(torch.device("cuda:1"))
     select_device(torch.device("cpu"))
     assert seen == [3, 1]
+
+
+# --- issue 11, item 12: the ranks never drift apart -------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_item12_every_rank_resumes_rank_0s_checkpoint_not_its_own_copy(
+    one_process_run, tiny_store, tmp_path
+):
+    """Two hosts without a shared filesystem, as two torchrun nodes with their own working
+    folder: each has a run folder `run`, rank 0's at step 5, rank 1's an older copy at step 2.
+    Rank 0 reads its checkpoint and sends it: the job ends as the one-process run."""
+    a, b = tmp_path / "host0", tmp_path / "host1"
+    base = ["train", "--data", str(tiny_store), "--out", str(a / "run"), *DDP_ARGS]
+    assert cli_main([*base, "--max-steps", "2"]) == 0
+    shutil.copytree(a / "run", b / "run")  # rank 1's folder: a stale copy
+    assert cli_main(["train", "--resume", str(a / "run"), "--max-steps", "5"]) == 0
+    port, procs = free_port(), []
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for node, cwd in enumerate((a, b)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+               "-m", "alexnet", "train", "--resume", "run"]  # fmt: skip
+        log = open(tmp_path / f"node{node}.log", "w")
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=log))
+    try:
+        for p in procs:
+            p.wait(timeout=400)
+    finally:
+        for p in procs:
+            p.kill()
+    logs = [(tmp_path / f"node{k}.log").read_text() for k in (0, 1)]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert checkpoint.load_state(a / "run" / "state.pt")["position"]["step"] == 8
+    assert_same_weights(one_process_run, a / "run")
+
+
+def lock_is_free(folder: Path) -> bool:
+    """Whether no process holds the folder's lock (fileio.exclusive_lock) now."""
+    with open(folder / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
+
+def rank_pids(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the worker processes a torchrun launcher started."""
+    out = {}
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) != launcher:  # the parent's pid
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                out[int(item[5:])] = pid
+    return out
+
+
+@pytest.mark.slow
+def test_item12_ctrl_c_reaching_one_rank_stops_every_rank_at_the_same_step(
+    one_process_run, tiny_store, tmp_path
+):
+    out = tmp_path / "ddp-int"
+    proc = torchrun(2, ["--data", str(tiny_store), "--out", str(out), *DDP_ARGS])
+    t0 = time.time()
+    while steps_logged(out) < 2:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() - t0 < 400, "timed out"
+        time.sleep(0.05)
+    pids = rank_pids(proc.pid)
+    os.kill(pids[1], signal.SIGINT)  # rank 1 alone (a signal sent to one process)
+    text, _ = proc.communicate(timeout=300)
+    assert "interrupted; checkpoint saved" in text, text  # rank 0 saw it too, and saved
+    step = checkpoint.load_state(out / "state.pt")["position"]["step"]
+    assert 2 <= step < 8
+    assert cli_main(["train", "--resume", str(out)]) == 0
+    assert_same_weights(one_process_run, out)
+
+
+_NAN_ON_RANK_1 = """
+import os, sys
+import alexnet.train as train
+from alexnet.commands import main
+real_init = train.Trainer.__init__
+def init(self, *a, **kw):
+    real_init(self, *a, **kw)
+    if self.rank == 1:  # rank 1's half of the batch gives a NaN loss at step 3; rank 0's not
+        calls = [0]
+        def poison(module, inputs, output):
+            calls[0] += 1
+            # (the two-tower layers pass a list of per-device parts)
+            return [o * float("nan") for o in output] if calls[0] == 3 else output
+        self.model.fc8.register_forward_hook(poison)
+train.Trainer.__init__ = init
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_item12_a_non_finite_loss_on_one_rank_stops_every_rank(tiny_store, tmp_path):
+    out = tmp_path / "ddp-nan"
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(_NAN_ON_RANK_1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(script), "train", "--data", str(tiny_store), "--out", str(out), *DDP_ARGS,
+           "--checkpoint-every", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    # Rank 0, whose own loss was finite, stopped at the same step, saying why.
+    assert "alexnet train: the loss became non-finite on another rank at step 3" in text, text
+    state = checkpoint.load_state(out / "state.pt")
+    assert state["position"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())

@@ -23,6 +23,7 @@ from alexnet.config import apply_overrides, get_profile
 from alexnet.model import build_model
 from alexnet.train import RunConfig, Trainer
 from conftest import TRAIN_ARGS as ARGS
+from conftest import tensorboard_steps
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -116,6 +117,10 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(reference_run, tiny_s
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), f"{k} differs after a kill at step {kill_at}"
+    # TensorBoard shows each step once: the events of the steps run again were purged (issue 11),
+    # whether the kill came before the first checkpoint (the run started over) or after one.
+    assert tensorboard_steps(out) == list(range(1, 9)), f"a kill at step {kill_at}"
+    assert tensorboard_steps(out, "val/top1_error") == [1, 2]
 
 
 @pytest.mark.slow

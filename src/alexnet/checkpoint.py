@@ -187,6 +187,35 @@ def split_weights(
     return state, stats
 
 
+def load_into(
+    model: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike, what: str = ""
+) -> None:
+    """model.load_state_dict(state), or BadInput in one line naming `path` and the first
+    mismatches (load_state_dict's own error is a paragraph). `what`: the network as the file
+    describes it (its profile and classes)."""
+    own = model.state_dict()
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    problems = []
+    if shapes:
+        k = shapes[0]
+        more = f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""
+        problems.append(
+            f"{k} is {tuple(state[k].shape)} where the network has {tuple(own[k].shape)}{more}"
+        )
+    if missing:
+        problems.append(f"{len(missing)} tensors missing ({', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors ({', '.join(unexpected[:3])})")
+    if problems:
+        raise BadInput(
+            f"{path}: the tensors do not fit the network{' ' + what if what else ''}: "
+            + "; ".join(problems)
+        )
+    model.load_state_dict(state)
+
+
 def weights_metadata(profile, classes: list[str], extra: Mapping[str, str] | None = None) -> dict:
     """The metadata of a weights file: format, profile name and full config, class names."""
     meta = {

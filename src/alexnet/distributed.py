@@ -47,6 +47,31 @@ class Context:
         dist.all_reduce(t)
         return t.cpu()
 
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        backend_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = t.to(backend_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.cpu()
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (every rank calls it at the same point)."""
+        return bool(self.all_reduce_max(torch.tensor([float(flag)])).item())
+
+    def all_reduce_min(self, x: float) -> float:
+        return -float(self.all_reduce_max(torch.tensor([-x], dtype=torch.float64)).item())
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank `src`'s `obj` on every rank (pickled between this job's own processes)."""
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order."""
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         dist.barrier()
 
@@ -69,6 +94,11 @@ def rank_devices(
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun announces it (0 without torchrun), before `context`."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
 
 
 @contextlib.contextmanager

@@ -27,3 +27,13 @@ class AlreadyExists(UserError, FileExistsError):
 
 class InUse(UserError, BlockingIOError):
     """A run folder or store that another process is writing (see fileio.exclusive_lock)."""
+
+
+class CannotWrite(UserError, OSError):
+    """A file could not be written (the disk full, a quota, a file-size limit, a read-only
+    folder); the previous version of the file, if any, is kept (fileio.atomic_write)."""
+
+
+class WorkerDied(UserError, RuntimeError):
+    """A worker process died (killed by the OOM killer, a crash in an image decoder): the work
+    already done is kept, and the same command resumes it."""

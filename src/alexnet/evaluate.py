@@ -58,7 +58,8 @@ def load_model(run_or_weights: str | Path, device: str | torch.device = "cpu") -
         raise BadInput(f"{path}: weights without this program's metadata ({e})") from None
     state, stats = checkpoint.split_weights(path, tensors)
     model = build_model(profile, num_classes=len(classes), devices=[device])
-    model.load_state_dict(state)
+    described = f"its metadata describes (profile {profile.name}, {len(classes)} classes)"
+    checkpoint.load_into(model, state, path, described)
     return LoadedModel(model.eval(), profile, classes, stats, path)
 
 
@@ -166,19 +167,18 @@ def evaluate_store(
     fast: bool = True,
     progress: bool = False,
     keep_probs: bool = False,
+    ignore_class_names: bool = False,
 ) -> dict[str, Any]:
     """`evaluate_model` of a loaded model on a split of a prepared store, with the model's own
-    preprocessing (its profile's views, the statistics saved with its weights' store).
+    preprocessing (its profile's views, the statistics saved with its weights' store). The
+    weights' classes must be the store's, by name (check_classes).
     batch_size: images per batch (default 128 for one view, 12 with ten: about 128 crops per
     forward pass, as larger passes spend their time in page faults on a CPU)."""
     device = torch.device(device)
     store = open_store(data)
     if split not in store.splits:
         raise BadInput(f"{data} has no split {split!r}; it has {store.splits}")
-    if store.num_classes != len(loaded.classes):
-        raise BadInput(
-            f"the weights have {len(loaded.classes)} classes, the store {store.num_classes}"
-        )
+    check_classes(loaded, store, ignore_class_names)
     loader = make_eval_loader(
         store,
         loaded.profile.data,
@@ -206,6 +206,26 @@ def evaluate_store(
     )
     r.update({"weights": str(loaded.path), "data": str(data), "split": split, "mode": mode.label})
     return r
+
+
+def check_classes(loaded: LoadedModel, store, ignore_class_names: bool = False) -> None:
+    """BadInput unless the weights were trained on the store's classes, in its order: the same
+    number of classes is not enough (a 10-class Fashion-MNIST net on CIFAR-10 would report a
+    meaningless error). `ignore_class_names`: the same number suffices (a store whose classes
+    were renamed)."""
+    mine, theirs = list(loaded.classes), list(store.classes)
+    if len(mine) != len(theirs):
+        raise BadInput(
+            f"{loaded.path} has {len(mine)} classes, the store {store.path} {len(theirs)}: "
+            "the weights were trained on another dataset"
+        )
+    if mine != theirs and not ignore_class_names:
+        k = next(i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b)
+        raise BadInput(
+            f"{loaded.path} was trained on other classes than the store {store.path} holds "
+            f"(class {k}: {mine[k]!r} in the weights, {theirs[k]!r} in the store); "
+            "--ignore-class-names evaluates anyway, matching classes by number"
+        )
 
 
 def recorded_store(run_or_weights: str | Path) -> Path:

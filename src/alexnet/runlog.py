@@ -59,10 +59,14 @@ class RunLog:
         self.metrics = self.out / "metrics.jsonl"
 
     def open(self, step: int = 0) -> None:
-        """TensorBoard from `step` on (earlier events of a longer, interrupted run are purged)."""
+        """TensorBoard for the steps after `step` (the checkpoint's). When the folder already
+        has event files (a resumed run, or one started over), their events of those steps are
+        purged (TensorBoard drops every event from `purge_step` on), as they will be logged
+        again."""
         if not self.main:
             return
-        self.tb = SummaryWriter(str(self.out), purge_step=step if step > 0 else None)
+        earlier = any(self.out.glob("events.out.tfevents.*"))
+        self.tb = SummaryWriter(str(self.out), purge_step=step + 1 if earlier else None)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -20,8 +20,10 @@ What lands in RUN (the --out folder):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -43,9 +45,9 @@ from alexnet.config import (
 )
 from alexnet.data import TrainLoader, make_eval_loader, open_store
 from alexnet.devices import model_devices, select_device
-from alexnet.errors import BadInput, NotFound
+from alexnet.errors import AlreadyExists, BadInput, NotFound
 from alexnet.evaluate import evaluate_model
-from alexnet.fileio import write_json
+from alexnet.fileio import exclusive_lock, read_json, write_json
 from alexnet.model import AlexNet, build_model
 from alexnet.optim import LRSchedule, make_optimizer
 from alexnet.runlog import RunLog
@@ -94,8 +96,43 @@ class RunConfig:
     init_stats: str = "store"
 
 
+# (lowest value, may be None) of the RunConfig fields that are numbers
+_RUN_RANGES = {
+    "seed": (0, False),
+    "model_parallel": (1, False),
+    "workers": (0, True),
+    "checkpoint_every": (0, False),
+    "log_every": (1, False),
+    "max_steps": (0, True),
+    "eval_batch_size": (1, False),
+    "val_limit": (1, True),
+}
+
+
+def check_run_config(run: RunConfig) -> RunConfig:
+    """The run settings if the program can run them; BadInput naming the field otherwise (the
+    profile's values: config.check_profile)."""
+    for name, (lo, may_be_none) in _RUN_RANGES.items():
+        v = getattr(run, name)
+        if v is None and may_be_none:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise BadInput(f"run.{name}={v!r} must be an integer >= {lo}")
+    if run.model_parallel not in (1, 2):
+        raise BadInput(f"run.model_parallel={run.model_parallel!r} must be 1 or 2")
+    for name in ("data", "out", "device"):
+        if not isinstance(getattr(run, name), str) or not getattr(run, name):
+            raise BadInput(f"run.{name}={getattr(run, name)!r} must be a non-empty string")
+    for name in ("fast",):
+        if not isinstance(getattr(run, name), bool):
+            raise BadInput(f"run.{name}={getattr(run, name)!r} must be true or false")
+    if run.compile not in (None, True, False):
+        raise BadInput(f"run.compile={run.compile!r} must be true, false or null")
+    return run
+
+
 def read_run_config(out: str | Path) -> tuple[Profile, RunConfig]:
-    """The (profile, run settings) a run folder's config.json records."""
+    """The (profile, run settings) a run folder's config.json records, checked."""
     path = Path(out) / "config.json"
     if not path.exists():
         raise NotFound(f"{path}: not a run folder (no config.json)")
@@ -103,9 +140,35 @@ def read_run_config(out: str | Path) -> tuple[Profile, RunConfig]:
         saved = json.loads(path.read_text())
         if saved.get("format") != RUN_FORMAT:
             raise BadInput(f"{path}: not a run of this program")
-        return profile_from_dict(saved["profile"]), RunConfig(**saved["run"])
+        profile, run = profile_from_dict(saved["profile"]), RunConfig(**saved["run"])
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
         raise BadInput(f"{path}: empty, incomplete or corrupt run configuration") from None
+    try:
+        return check_profile(profile), check_run_config(run)
+    except BadInput as e:
+        raise BadInput(f"{path}: {e}") from None
+
+
+def _as_json(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def run_not_started(out: str | Path, profile: Profile, run: RunConfig) -> bool:
+    """Whether a new run (profile, run) may use the folder `out`: False if it holds nothing of
+    a run, True if it holds a run that never reached its first checkpoint and that the same
+    command line started (config.json, no state.pt: a run killed early, or a torchrun restart
+    before the first checkpoint), which then starts over. AlreadyExists for anything else."""
+    out = Path(out)
+    if not (out / "state.pt").exists():
+        if not (out / "config.json").exists():
+            return False
+        saved = read_json(out / "config.json")
+        mine = {"profile": profile.to_dict(), "run": dataclasses.asdict(run)}
+        if isinstance(saved, dict) and all(_as_json(mine[k]) == saved.get(k) for k in mine):
+            return True
+    raise AlreadyExists(
+        f"{out} already holds a run; continue it with --resume {out}, or choose another --out"
+    )
 
 
 class Interrupt:
@@ -149,7 +212,7 @@ class Trainer:
     """One training run. `Trainer(profile, run).fit()`; see the module docstring."""
 
     def __init__(self, profile: Profile, run: RunConfig, *, resume: bool = False, dist=None):
-        self.profile, self.run = check_profile(profile), run
+        self.profile, self.run = check_profile(profile), check_run_config(run)
         self.out = Path(run.out)
         self.dist = dist  # alexnet.distributed.Context or None
         self.rank = dist.rank if dist else 0
@@ -217,8 +280,8 @@ class Trainer:
             stats=self.stats,
         )
         self._val_loader = None
-        if resume:
-            self._load_checkpoint()
+        if resume or self.world > 1:  # DDP: every rank takes part (rank 0's `resume` decides)
+            self._load_checkpoint(resume)
 
     def _init_weights(self, model, resume: bool) -> dict[str, Any]:
         """Fine-tuning's start: the --init weights where they fit (checkpoint.init_from). A
@@ -294,10 +357,14 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """state.pt first (the source of truth for --resume), then the exported weights; each
         written atomically, so a kill at any moment leaves the previous complete pair or a
-        newer state.pt."""
+        newer state.pt. A state that is not finite is never written (_check_finite_state)."""
+        self._check_finite_state()  # every rank: their weights are the same (DDP)
+        device_rng = self._gather_device_rng()  # every rank (a collective under DDP)
         if not self.is_main:
             return
-        checkpoint.save_state(self.out / "state.pt", self._state())
+        state = self._state()
+        state["rng"]["device_ranks"] = device_rng
+        checkpoint.save_state(self.out / "state.pt", state)
         tensors = dict(self.model.state_dict())
         tensors.update(checkpoint.stats_tensors(self.stats))
         meta = checkpoint.weights_metadata(
@@ -307,23 +374,81 @@ class Trainer:
         )
         checkpoint.save_weights(self.out / "model.safetensors", tensors, meta)
 
-    def _load_checkpoint(self) -> None:
+    def _check_finite_state(self) -> None:
+        """FloatingPointError if a weight, buffer or optimiser value is NaN or infinite: a step
+        can ruin the weights with a finite loss (the loss shows it only at the next step)."""
+        named = list(self.model.state_dict().items())
+        for i, st in enumerate(self.optimizer.state.values()):
+            named += [(f"optimizer state {i} {k}", v) for k, v in st.items()]
+        for name, t in named:
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(t.isfinite().all()):
+                raise FloatingPointError(
+                    f"{name} became non-finite at step {self.pos.step} (epoch "
+                    f"{self.pos.epoch + 1}); the run stopped without saving it, and "
+                    f"{self.out / 'state.pt'} keeps the last good checkpoint"
+                )
+
+    def _cuda_devices(self) -> list[torch.device]:
+        return [d for d in self.devices if d.type == "cuda"]
+
+    def _gather_device_rng(self) -> list | None:
+        """Each rank's GPU generator states (one per device of its replica), in rank order: the
+        dropout masks of the global batch are drawn on every rank's own device, so each
+        resumed rank must continue its own generator."""
+        cuda = self._cuda_devices()
+        if not cuda:
+            return None  # the CPU generator: in rng, the same on every rank
+        mine = [torch.cuda.get_rng_state(d) for d in cuda]
+        return self.dist.all_gather_object(mine) if self._ddp else [mine]
+
+    @property
+    def _ddp(self) -> bool:
+        return self.dist is not None and self.world > 1
+
+    def _load_checkpoint(self, resume: bool = True) -> None:
+        """Resume from state.pt. Under DDP rank 0 alone reads it (its `resume` decides) and
+        sends it to every rank, so a rank that cannot see the run folder, or sees another
+        copy of it, still continues rank 0's run, never a run of its own."""
         path = self.out / "state.pt"
-        if not path.exists():
-            # Killed before its first checkpoint: the run starts over, with its own config.
-            if self.is_main:
+        state = None
+        if self.is_main and resume:
+            if path.exists():
+                state = checkpoint.load_state(path, map_location="cpu")
+                if state.get("format") != RUN_FORMAT:
+                    raise BadInput(
+                        f"{path}: not a checkpoint of this program ({state.get('format')!r})"
+                    )
+            else:
+                # Killed before its first checkpoint: the run starts over, with its own config.
                 print(f"{path}: no checkpoint yet; starting the run over", file=sys.stderr)
                 self.log.truncate(0, 0)
+        if self._ddp:
+            profile, state = self.dist.broadcast_object((self.profile.to_dict(), state))
+            if _as_json(profile) != _as_json(self.profile.to_dict()):
+                raise BadInput(
+                    f"rank {self.rank}'s configuration differs from rank 0's (the run "
+                    f"{self.out} as rank 0 reads it): launch every rank with the same command"
+                )
+        if state is None:
             return
-        state = checkpoint.load_state(path, map_location="cpu")
-        if state.get("format") != RUN_FORMAT:
-            raise BadInput(f"{path}: not a checkpoint of this program ({state.get('format')!r})")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.pos = Position(**state["position"])
-        self.history = json.loads(state["history"])
-        checkpoint.restore_rng_state(state["rng"])
+        checkpoint.load_into(self.model, state["model"], path, "of this run's config.json")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            self.pos = Position(**state["position"])
+            self.history = json.loads(state["history"])
+            checkpoint.restore_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            why = (str(e).splitlines() or [""])[0] or type(e).__name__
+            raise BadInput(f"{path}: not a checkpoint of this run ({why})") from None
+        saved = state["rng"].get("device_ranks")
+        cuda = self._cuda_devices()
+        if saved and cuda:
+            # This rank's own generators; with another number of ranks, rank 0's (every rank
+            # draws the same global-batch masks, so their generators move in step).
+            own = saved[self.rank] if len(saved) == self.world else saved[0]
+            for d, st in zip(cuda, own, strict=False):
+                torch.cuda.set_rng_state(st, d)
         if self.is_main:
             self.log.truncate(self.pos.epoch, self.pos.step)
             print(
@@ -368,13 +493,14 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             log_now = self.pos.step % self.run.log_every == 0 or self.pos.batch == spe
-            if log_now or interrupt.requested:
+            stop = self._stop_requested(interrupt, log_now)
+            if log_now or stop:
                 rate = seen / (time.perf_counter() - t0)
                 self._log_losses(losses, lr, rate, bar, all_ranks=log_now)
             if self.run.checkpoint_every and self.pos.step % self.run.checkpoint_every == 0:
                 self._check_finite(losses)
                 self.save_checkpoint()
-            if interrupt.requested:
+            if stop:
                 status = "interrupted"
                 break
             if self._max_steps_reached() and self.pos.batch < spe:
@@ -410,16 +536,33 @@ class Trainer:
     def _max_steps_reached(self) -> bool:
         return self.run.max_steps is not None and self.pos.step >= self.run.max_steps
 
+    def _stop_requested(self, interrupt: Interrupt, log_now: bool) -> bool:
+        """Whether to checkpoint and stop after this step. In one process: as soon as asked.
+        Under DDP a signal may reach the ranks at different steps, and a rank that stopped
+        alone would leave the others waiting in an all-reduce until the timeout: the ranks
+        agree (any rank asked) at each step where they all log."""
+        if not self._ddp:
+            return interrupt.requested
+        return log_now and self.dist.any(interrupt.requested)
+
     def _check_finite(self, losses: list[tuple[int, torch.Tensor]]) -> None:
-        if not losses:
-            return
-        values = torch.stack([v for _, v in losses]).float().cpu()
-        bad = (~torch.isfinite(values)).nonzero()
-        if len(bad):
-            step, value = losses[int(bad[0])][0] + 1, float(values[int(bad[0])])
+        """FloatingPointError naming the first step whose loss was NaN or infinite. Under DDP
+        on every rank if on any (each sees only its part of the global batch's loss), so that
+        all stop together."""
+        step, value = math.inf, None
+        if losses:
+            values = torch.stack([v for _, v in losses]).float().cpu()
+            bad = (~torch.isfinite(values)).nonzero()
+            if len(bad):
+                step, value = losses[int(bad[0])][0] + 1, float(values[int(bad[0])])
+        if self._ddp:
+            first = self.dist.all_reduce_min(step)
+            if first != step:
+                step, value = first, "non-finite on another rank"
+        if step != math.inf:
             raise FloatingPointError(
-                f"the loss became {value} at step {step} (epoch {self.pos.epoch + 1}); the run "
-                f"stopped and {self.out / 'state.pt'} keeps the last good checkpoint"
+                f"the loss became {value} at step {int(step)} (epoch {self.pos.epoch + 1}); the "
+                f"run stopped and {self.out / 'state.pt'} keeps the last good checkpoint"
             )
 
     # --- validation ----------------------------------------------------------------------
@@ -498,8 +641,15 @@ class Trainer:
 
     # --- the run -------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        """Train to the end of the recipe (or --max-steps, or an interrupt). Rank 0 holds the
+        run folder's lock meanwhile (re-entrant: `alexnet train` holds it for its whole life)."""
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.out) if self.is_main else contextlib.nullcontext():
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
+        if self.is_main:
             write_json(self.out / "config.json", self.resolved_config())
         self.log.open(self.pos.step)
         status = "done"
@@ -514,7 +664,8 @@ class Trainer:
                     if status == "done":
                         self.end_epoch(time.perf_counter() - t0)
                     self.save_checkpoint()
-                    if status == "done" and interrupt.requested:
+                    asked = self.dist.any(interrupt.requested) if self._ddp else interrupt.requested
+                    if status == "done" and asked:  # during validation
                         status = "interrupted"
                     elif status == "done" and self._max_steps_reached():
                         status = "max_steps"

@@ -19,6 +19,7 @@ from alexnet.data import open_store, prepare_store
 from alexnet.data.sources import FASHION_MNIST_DIR, idx_file
 from alexnet.errors import NotFound
 from alexnet.evaluate import load_model, predict_images
+from alexnet.fileio import exclusive_lock
 from alexnet.runlog import read_metrics
 from alexnet.train import RunConfig, Trainer, read_run_config
 
@@ -76,7 +77,9 @@ def run_demo(args) -> int:
     else:
         what = "resume" if (out / "state.pt").exists() else "train"
         _step(f"{what} the paper's network, recipe `demo`, in {out}")
-        result = Trainer(profile, run, resume=resume).fit()
+        out.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(out):  # one writer (InUse for a second demo or train on it)
+            result = Trainer(profile, run, resume=resume).fit()
         if result["status"] == "interrupted":
             print(f"interrupted; run `alexnet demo` again to continue {out}")
             return 130

@@ -26,6 +26,7 @@ def run_evaluate(args) -> int:
         per_class=args.per_class,
         fast=not args.no_fast,
         progress=sys.stderr.isatty() and not args.json,
+        ignore_class_names=args.ignore_class_names,
     )
     if args.json:
         print(json.dumps(r, indent=2))
@@ -127,6 +128,12 @@ def register(sub) -> None:
         "--limit", type=int, help="N images spread evenly over the split (a class-balanced sample)"
     )
     p.add_argument("--per-class", action="store_true", help="a per-class top-1 error table")
+    p.add_argument(
+        "--ignore-class-names",
+        action="store_true",
+        help="evaluate even if the store's class names differ from the weights' (matched by "
+        "number; the counts must agree)",
+    )
     p.add_argument(
         "--no-fast",
         action="store_true",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alexnet.data.images import MAX_PIXELS
 from alexnet.data.prepare import DEFAULT_QUALITY, ENCODINGS, prepare_store
 from alexnet.data.sources import FASHION_MNIST_DIR, KINDS, download_fashion_mnist, idx_file
 from alexnet.errors import BadInput
+from alexnet.fileio import MAX_FILE_BYTES
 
 
 def run_prepare(args) -> int:
@@ -36,6 +38,8 @@ def run_prepare(args) -> int:
         chunk_size=args.chunk_size,
         progress=not args.quiet,
         classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
+        max_pixels=args.max_pixels,
+        max_file_bytes=int(args.max_file_mb * 2**20),
     )
     return 0
 
@@ -83,6 +87,20 @@ def register(sub) -> None:
         help="only these classes (names or indices), relabelled in this order",
     )
     p.add_argument("--chunk-size", type=int, help="images per shard (default: from the size)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"skip (and report) images of more pixels than this, before decoding them "
+        f"(default and most: Pillow's limit, {MAX_PIXELS:,})",
+    )
+    p.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=MAX_FILE_BYTES / 2**20,
+        help=f"skip (and report) files larger than this, without reading them "
+        f"(default {MAX_FILE_BYTES / 2**20:g} MiB)",
+    )
     p.add_argument("--download", action="store_true", help="fetch Fashion-MNIST (internet)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run_prepare)

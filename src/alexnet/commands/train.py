@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 from pathlib import Path
 
 from alexnet import distributed
-from alexnet.config import PROFILES, Profile, apply_overrides, get_profile, replace_checked
-from alexnet.errors import AlreadyExists, BadInput
-from alexnet.train import RunConfig, Trainer, read_run_config
+from alexnet.config import (
+    PROFILES,
+    Profile,
+    apply_overrides,
+    check_profile,
+    get_profile,
+    replace_checked,
+)
+from alexnet.data import open_store
+from alexnet.errors import BadInput
+from alexnet.fileio import exclusive_lock
+from alexnet.train import RunConfig, Trainer, check_run_config, read_run_config, run_not_started
 from alexnet.train import __doc__ as TRAIN_DOC
 
 DEFAULT_PROFILE = "paper"
@@ -130,7 +140,8 @@ def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
             profile = dataclasses.replace(
                 profile, train=dataclasses.replace(profile.train, epochs=args.epochs)
             )
-        return profile, dataclasses.replace(run, **changes), True
+        run = dataclasses.replace(run, **changes)
+        return check_profile(profile), check_run_config(run), True
     if not args.data or not args.out:
         raise BadInput("--data STORE and --out RUN are required (or --resume RUN)")
     profile = get_profile(args.profile or DEFAULT_PROFILE)
@@ -155,10 +166,6 @@ def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
     if args.val_limit is not None and args.val_limit < 1:  # before an epoch, not after it
         raise BadInput(f"--val-limit must be at least 1, got {args.val_limit}")
     out = Path(args.out)
-    if (out / "state.pt").exists() or (out / "config.json").exists():
-        raise AlreadyExists(
-            f"{out} already holds a run; continue it with --resume {out}, or choose another --out"
-        )
     run = RunConfig(
         data=args.data,
         out=str(out),
@@ -176,7 +183,20 @@ def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
         init=args.init or "",
         init_stats=args.init_stats,
     )
-    return profile, run, False
+    # Every value checked before anything is written (`--lr nan` writes nothing).
+    return check_profile(profile), check_run_config(run), False
+
+
+def _lock_run_folder(held: contextlib.ExitStack, profile, run, resume: bool) -> bool:
+    """Take the run folder for this command's whole life (InUse if another command has it),
+    and say whether the Trainer resumes: a new run in a folder that holds the same command
+    line's run killed before its first checkpoint (a torchrun restart) starts it over."""
+    out = Path(run.out)
+    if not resume:
+        open_store(run.data)  # a wrong --data is an error before the folder is made
+        out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(exclusive_lock(out))
+    return resume or run_not_started(out, profile, run)
 
 
 def _epochs(text: str) -> float:
@@ -201,15 +221,19 @@ def run_train(args) -> int:
         # torchrun restarted the workers after a failure (--max-restarts): continue the run.
         args.resume = args.out
     profile, run, resume = config_from_args(args)
-    with distributed.context(
-        run.device, requested=args.distributed, model_parallel=run.model_parallel
-    ) as dist:
-        trainer = Trainer(profile, run, resume=resume, dist=dist)
-        try:
-            result = trainer.fit()
-        except FloatingPointError as e:
-            print(f"alexnet train: {e}", file=sys.stderr)
-            return 3
+    with contextlib.ExitStack() as held:
+        if distributed.env_rank() == 0:  # the rank that writes the run folder
+            resume = _lock_run_folder(held, profile, run, resume)
+        with distributed.context(
+            run.device, requested=args.distributed, model_parallel=run.model_parallel
+        ) as dist:
+            trainer = Trainer(profile, run, resume=resume, dist=dist)
+            try:
+                result = trainer.fit()
+            except FloatingPointError as e:
+                if trainer.is_main:
+                    print(f"alexnet train: {e}", file=sys.stderr)
+                return 3
     if trainer.is_main:
         status = result["status"]
         where = f"{run.out}/model.safetensors"

@@ -4,6 +4,7 @@ how one item is read (`Source`, `Split`), plus the folder-tree helpers the sourc
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from alexnet.errors import BadInput
+from alexnet.fileio import MAX_FILE_BYTES, read_regular_file
 
 VAL_NAMES = ("val", "validation", "valid")
 
@@ -33,21 +35,25 @@ class Source:
     description: str = ""
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # for array sources
     files: list[str] = field(default_factory=list)  # source files whose checksum to record
+    max_file_bytes: int | None = MAX_FILE_BYTES  # a larger file is not read (not an image)
 
     def read(self, ref) -> tuple[object, str, bytes | None]:
-        """(image source for images.paper_image, a name for reports, the raw bytes or None)."""
+        """(image source for images.paper_image, a name for reports, the raw bytes or None).
+        OSError for a file that is not a regular file (a FIFO, a device: never opened in a way
+        that blocks) or larger than max_file_bytes (never read)."""
         if self.kind in ("fashion-mnist", "cifar10"):
             array, i = ref
             img = self.arrays[array][i]
             return img, f"{array}[{i}]", img.tobytes()
         if isinstance(ref, tuple):  # (tar file, offset, size, member name)
             tar, offset, size, member = ref
+            if self.max_file_bytes is not None and size > self.max_file_bytes:
+                raise OSError(errno.EFBIG, f"{size / 2**20:.1f} MiB, over the limit for one image")
             with open(self.root / tar, "rb") as f:
                 f.seek(offset)
                 data = f.read(size)
             return data, f"{tar}:{member}", data
-        with open(self.root / ref, "rb") as f:
-            data = f.read()
+        data = read_regular_file(self.root / ref, self.max_file_bytes)
         return data, ref, data
 
     def listing_digest(self) -> str:

@@ -47,7 +47,7 @@ from alexnet.config import DataConfig
 from alexnet.data.store import Store, decode_record
 from alexnet.data.views import ViewSpec, epoch_permutation
 from alexnet.devices import available_cpus, select_device
-from alexnet.errors import BadInput
+from alexnet.errors import BadInput, UserError
 
 DECODES = ("auto", "cpu", "gpu")
 
@@ -202,15 +202,14 @@ class _Batches(Dataset):
         pos = torch.from_numpy(np.stack([ys, xs, flips], 1).astype(np.int64))
         off = None if offsets is None else torch.from_numpy(np.asarray(offsets, np.float32))
         st = self.store
-        bufs = st.records(self.split, idx)
         if self.gpu_decode:
-            blob, lengths = _pack_records(bufs)
+            blob, lengths = _pack_records(st.records(self.split, idx))
             return blob, lengths, labels, pos, off
         c = spec.crop
         u8t = _shared_empty((len(ys), st.channels, c, c), torch.uint8)
         u8 = u8t.numpy()
-        for k, buf in enumerate(bufs):
-            planar = decode_record(buf, st.encoding, st.channels, st.image_size)
+        # A corrupt record is BadInput naming the store, the split and the index (Store.planars).
+        for k, planar in enumerate(st.planars(self.split, idx)):
             for t in range(per_image):
                 r = k * per_image + t
                 spec.cut(planar, int(ys[r]), int(xs[r]), bool(flips[r]), u8[r])
@@ -303,6 +302,28 @@ def _buffer(shape) -> np.ndarray:
     return a
 
 
+def _worker_message(e: BaseException) -> str:
+    """The message of the exception a DataLoader worker raised, from the text DataLoader
+    re-raises it with ("Caught X in DataLoader worker ... Original Traceback ... X: msg")."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    head = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return last[len(head) :] if last.startswith(head) else last
+
+
+def _worker_message(e: BaseException) -> str:
+    """The message of the exception a DataLoader worker raised, from the text DataLoader
+    re-raises it with ("Caught X in DataLoader worker ... Original Traceback ... X: msg")."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    head = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return last[len(head) :] if last.startswith(head) else last
+
+
 def _as_is(batch):
     """The batch exactly as the worker made it (the default would turn arrays into tensors)."""
     return batch
@@ -353,7 +374,12 @@ class _Workers:
                 generator=torch.Generator().manual_seed(0),
             )
         self._keys.keys = list(keys)
-        yield from self._dl
+        try:
+            yield from self._dl
+        except UserError as e:
+            # DataLoader re-raises a worker's exception with the worker's whole traceback as
+            # its message: a user error (a corrupt record) is one line, its own.
+            raise type(e)(_worker_message(e)) from None
 
     def worker_pids(self) -> list[int]:
         it = getattr(self._dl, "_iterator", None)

@@ -2,11 +2,18 @@
 
 The work is cut into chunks of consecutive items of a split. A worker process turns one chunk
 into one shard file (OUT/<split>/shard-NNNNN.bin) plus a small result file in OUT/.prepare/
-(record lengths, labels, skipped files, and the chunk's exact integer sums for the statistics),
-each written under a temporary name and renamed, so a chunk is either wholly done or not at all.
-A killed prepare therefore resumes at the first missing chunk. Only when every chunk is done are
-the index, the statistics and, last of all, manifest.json written: a store without a manifest
-is never mistaken for a complete one (open_store says it is incomplete).
+(record lengths, labels, skipped files, the chunk's exact integer sums for the statistics, and
+the shard's sha256), each written atomically (fileio: fsynced, renamed, the folder fsynced), so a
+chunk is either wholly done or not at all. A killed prepare therefore resumes at the first
+missing chunk; a shard whose bytes no longer match its checksum (a disk that lost them) is made
+again. Only when every chunk is done are the index, the statistics and, last of all,
+manifest.json written: a store without a manifest is never mistaken for a complete one
+(open_store says it is incomplete).
+
+One prepare at a time writes a store (fileio.exclusive_lock on OUT). A worker process that dies
+(the OOM killer, a decoder crash) ends the command with WorkerDied, the finished chunks kept.
+Files that are not regular files, larger than --max-file-mb or of more than --max-pixels are
+skipped and reported, never read whole or decoded.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import multiprocessing as mp
 import shutil
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from alexnet.data import sources as src_mod
-from alexnet.data.images import UnreadableImage, paper_image
+from alexnet.data.images import MAX_PIXELS, UnreadableImage, paper_image
 from alexnet.data.listing import select_classes
 from alexnet.data.store import (
     FORMAT,
@@ -40,8 +49,8 @@ from alexnet.data.store import (
     stats_from_sums,
 )
 from alexnet.devices import available_cpus
-from alexnet.errors import BadInput
-from alexnet.fileio import file_sha256, write_bytes
+from alexnet.errors import BadInput, WorkerDied
+from alexnet.fileio import LOCK_NAME, MAX_FILE_BYTES, exclusive_lock, file_sha256, write_bytes
 
 ENCODINGS = ("jpeg", "raw")
 DEFAULT_QUALITY = 90
@@ -67,7 +76,8 @@ _G: dict = {}  # the source and parameters, inherited by forked workers
 def encode_item(data, params: dict) -> tuple[bytes, np.ndarray]:
     """(record bytes, the stored planar pixels) of one item; UnreadableImage if unusable."""
     size, gray = params["size"], params["channels"] == 1
-    pic = paper_image(data, size, gray=gray)  # Sec. 2: shorter side to S, central S x S
+    # Sec. 2: shorter side to S, central S x S
+    pic = paper_image(data, size, gray=gray, max_pixels=params.get("max_pixels", MAX_PIXELS))
     if params["encoding"] == "raw":
         planar = np.ascontiguousarray(pic[None] if gray else pic.transpose(2, 0, 1))
         return planar.tobytes(), planar
@@ -132,10 +142,12 @@ def do_chunk(task: tuple[str, int, int, int]) -> tuple[str, int, int, int]:
             # One streaming pass: exact integer sums (see store.stats_from_sums).
             sum_image += stored
             sum_xxT += _pixel_products(stored)
-    write_bytes(out / split / shard_name(chunk), b"".join(records))
+    shard = b"".join(records)
+    write_bytes(out / split / shard_name(chunk), shard)
     write_bytes(
         out / WORK_DIR / f"{split}-{chunk:05d}.npz",
         _npz_bytes(
+            shard_sha256=np.asarray(hashlib.sha256(shard).hexdigest()),
             lengths=np.asarray(lengths, dtype=np.int64),
             labels=np.asarray(labels, dtype=np.int64),
             sum_image=sum_image,
@@ -164,14 +176,18 @@ def _chunks(source: src_mod.Source, chunk_size: int | None):
 
 
 def _chunk_done(out: Path, split: str, chunk: int) -> bool:
+    """The chunk's shard and result file are there, and the shard's bytes are those its
+    result recorded (its sha256: the right size is not enough, a disk may zero a file)."""
     res = out / WORK_DIR / f"{split}-{chunk:05d}.npz"
     shard = out / split / shard_name(chunk)
     if not (res.exists() and shard.exists()):
         return False
     try:
         with np.load(res) as z:
-            return int(z["lengths"].sum()) == shard.stat().st_size
-    except Exception:  # a damaged result file: redo the chunk
+            if int(z["lengths"].sum()) != shard.stat().st_size:
+                return False
+            return str(z["shard_sha256"]) == file_sha256(shard)
+    except Exception:  # a damaged (or older, checksum-less) result file: redo the chunk
         return False
 
 
@@ -203,7 +219,7 @@ def _check_out(out: Path, params: dict) -> str:
             f"({_differences(old, params)}): re-run that command to finish it, or choose "
             "another OUT"
         )
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise BadInput(
             f"OUT {out} is not empty and holds no store: choose an empty or new directory"
         )
@@ -235,9 +251,19 @@ def prepare_store(
     progress: bool = True,
     log=print,
     classes: list[str] | None = None,
+    max_pixels: int = MAX_PIXELS,
+    max_file_bytes: int = MAX_FILE_BYTES,
 ) -> Store:
     """Prepare (or resume, or recognise as done) the store OUT from the source SRC.
-    `classes`: only these classes (names or indices), relabelled in the order given."""
+
+    `classes`: only these classes (names or indices), relabelled in the order given.
+    `max_pixels` and `max_file_bytes` bound what one image may cost a worker (files over them
+    are skipped and reported); they decide only which files are skipped, so they are not part
+    of what identifies the store."""
+    if not 1 <= max_pixels <= MAX_PIXELS:
+        raise BadInput(f"--max-pixels must be 1..{MAX_PIXELS} (Pillow's limit), got {max_pixels}")
+    if max_file_bytes < 1:
+        raise BadInput(f"--max-file-mb must be positive, got {max_file_bytes / 2**20:g}")
     if encoding not in ENCODINGS:
         raise BadInput(f"unknown --encoding {encoding!r}; valid: {', '.join(ENCODINGS)}")
     if size < 1:
@@ -249,6 +275,7 @@ def prepare_store(
         raise BadInput(f"OUT {out} is a file, not a directory")
     t0 = time.time()
     source = src_mod.open_source(src, kind, val_fraction, seed)
+    source.max_file_bytes = max_file_bytes
     if source.kind in ("folder", "imagenet") and out.resolve().is_relative_to(
         Path(src).resolve()
     ):  # its files would become part of the source's listing
@@ -278,10 +305,25 @@ def prepare_store(
         "listing_sha256": source.listing_digest(),
         "listed": {k: len(v.refs) for k, v in source.splits.items()},
     }
-    state = _check_out(out, params)
-    if state == "done":
-        log(f"{out} already holds this store, complete: nothing to do")
-        return open_store(out)
+    if _check_out(out, params) != "done":
+        out.mkdir(parents=True, exist_ok=True)
+        # One writer at a time: a second prepare into OUT stops here (InUse) at once.
+        with exclusive_lock(out):
+            state = _check_out(out, params)  # again, now that no one else can change OUT
+            if state != "done":
+                work_params = dict(params, max_pixels=int(max_pixels))
+                run = (chunk_size, workers, progress, log, t0)
+                return _prepare(source, params, work_params, out, state, *run)
+    log(f"{out} already holds this store, complete: nothing to do")
+    return open_store(out)
+
+
+def _prepare(
+    source, params, work_params, out, state, chunk_size, workers, progress, log, t0
+) -> Store:
+    """The work of prepare_store, OUT locked: every chunk not done yet, then the store's files.
+    `work_params`: the store's parameters and what the workers need beside them."""
+    encoding, size = params["encoding"], params["size"]
     work = out / WORK_DIR
     for split in source.splits:
         (out / split).mkdir(parents=True, exist_ok=True)
@@ -300,9 +342,8 @@ def prepare_store(
         log(f"resuming: {len(tasks) - len(todo)} of {len(tasks)} chunks already prepared")
     workers = max(1, min(workers or available_cpus(), len(todo) or 1))
     log(f"preparing {total} images into {out} ({encoding}, {size}x{size}) with {workers} workers")
-    _run_chunks(source, params, out, todo, workers, total, done_items, progress)
-    store = _finish(source, params, out, tasks, time.time() - t0, log)
-    return store
+    _run_chunks(source, work_params, out, todo, workers, total, done_items, progress)
+    return _finish(source, params, out, tasks, time.time() - t0, log)
 
 
 def _run_chunks(source, params, out, todo, workers, total, done_items, progress) -> None:
@@ -330,15 +371,51 @@ def _run_chunks(source, params, out, todo, workers, total, done_items, progress)
             finally:
                 torch.set_num_threads(threads)
         else:
-            ctx = mp.get_context("fork")
-            with ctx.Pool(workers, _init_worker, (source, params, str(out))) as pool:
-                for _split, _chunk, n, k in pool.imap_unordered(do_chunk, todo):
-                    skipped += k
-                    bar.update(n)
-                    bar.set_postfix(skipped=skipped, refresh=False)
+            for _split, _chunk, n, k in _pool_map(source, params, out, todo, workers):
+                skipped += k
+                bar.update(n)
+                bar.set_postfix(skipped=skipped, refresh=False)
     finally:
         bar.close()
         _G.clear()
+
+
+def _pool_map(source, params, out: Path, todo, workers: int):
+    """do_chunk over `todo` in `workers` forked processes, results as they come. A worker that
+    dies (SIGKILL from the OOM killer, a segfault in a decoder) is WorkerDied at once: a
+    multiprocessing.Pool would wait forever for the task it lost. The chunks already finished
+    are on disk; so a rerun resumes."""
+    ex = ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context("fork"),
+        initializer=_init_worker,
+        initargs=(source, params, str(out)),
+    )
+    ok = False
+    try:
+        pending = {ex.submit(do_chunk, t) for t in todo}
+        finished = 0
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    raise WorkerDied(
+                        f"a prepare worker process died (killed: out of memory, or a crash "
+                        f"decoding an image) while preparing {out}; the {finished} chunks "
+                        f"finished in this run are kept: run the same command again to resume "
+                        f"(with fewer --workers if memory is short)"
+                    ) from None
+                finished += 1
+                yield result
+        ok = True
+    finally:
+        if not ok:  # an error or Ctrl-C: no waiting for the other workers' chunks (redone later)
+            # (no public way to stop the workers before Python 3.14's kill_workers)
+            for proc in list((getattr(ex, "_processes", None) or {}).values()):
+                proc.kill()
+        ex.shutdown(wait=ok, cancel_futures=True)
 
 
 def _finish(source, params, out: Path, tasks, elapsed: float, log) -> Store:
@@ -354,7 +431,7 @@ def _finish(source, params, out: Path, tasks, elapsed: float, log) -> Store:
                 continue
             with np.load(work / f"{split}-{chunk:05d}.npz") as z:
                 lengths = z["lengths"]
-                offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+                offsets = np.concatenate([[0], np.cumsum(lengths)])[:-1].astype(np.int64)
                 rows.append(np.stack([np.full_like(lengths, chunk), offsets, lengths], axis=1))
                 labels.append(z["labels"])
                 skipped += json.loads(str(z["skipped"]))

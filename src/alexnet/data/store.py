@@ -22,7 +22,7 @@ import io
 import json
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -82,16 +82,33 @@ class Stats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Stats:
-        with np.load(path) as z:
-            return cls(
-                mean_image=z["mean_image"],
-                channel_mean=z["channel_mean"],
-                channel_std=z["channel_std"],
-                cov=z["cov"],
-                eigval=z["eigval"],
-                eigvec=z["eigvec"],
-                count=int(z["count"]),
-            )
+        """The statistics of a store's stats.npz; BadInput naming it if it is unreadable."""
+        try:
+            with np.load(path) as z:
+                st = cls(
+                    mean_image=z["mean_image"],
+                    channel_mean=z["channel_mean"],
+                    channel_std=z["channel_std"],
+                    cov=z["cov"],
+                    eigval=z["eigval"],
+                    eigvec=z["eigvec"],
+                    count=int(z["count"]),
+                )
+        except Exception as e:  # not a zip, a member missing or cut short, ...
+            raise BadInput(f"{path} is corrupt ({_why(e)}): prepare the store again") from None
+        shapes = {"channel_mean": (3,), "channel_std": (3,), "cov": (3, 3), "eigval": (3,),
+                  "eigvec": (3, 3)}  # fmt: skip
+        bad = [k for k, v in shapes.items() if getattr(st, k).shape != v]
+        if st.mean_image.ndim != 3 or st.mean_image.shape[2] != 3:
+            bad.append("mean_image")
+        bad += [
+            f.name
+            for f in fields(cls)
+            if f.name != "count" and not np.isfinite(getattr(st, f.name)).all()
+        ]
+        if bad:
+            raise BadInput(f"{path} is corrupt ({', '.join(bad)}): prepare the store again")
+        return st
 
     def to_bytes(self) -> bytes:
         """The stats.npz file's content."""
@@ -107,6 +124,10 @@ class Stats:
             count=np.int64(self.count),
         )
         return buf.getvalue()
+
+
+def _why(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0] or type(e).__name__
 
 
 def stats_from_sums(sum_image: np.ndarray, sum_xxT: np.ndarray, count: int) -> Stats:
@@ -212,17 +233,37 @@ class Store:
         self._check_split(split)
         return int(self.manifest["counts"][split])
 
+    def _array(self, split: str, name: str, shape: tuple, mmap: bool) -> np.ndarray:
+        """<split>/<name>, an int64 array of `shape`; BadInput naming it otherwise."""
+        path = self.path / split / name
+        try:
+            a = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except Exception as e:  # a torn or foreign file: not the store's array
+            raise BadInput(f"{path} is corrupt ({_why(e)}): prepare the store again") from None
+        if a.shape != shape or a.dtype != np.int64:
+            raise BadInput(
+                f"{path} is corrupt (a {a.dtype} array of shape {a.shape}, the manifest says "
+                f"int64 {shape}): prepare the store again"
+            )
+        return a
+
     def index(self, split: str) -> np.ndarray:
         """(N, 3) int64 [shard, offset, length], memory-mapped read-only (page cache, shared)."""
         if split not in self._index:
             self._check_split(split)
-            self._index[split] = np.load(self.path / split / "index.npy", mmap_mode="r")
+            self._index[split] = self._array(split, "index.npy", (self.size(split), 3), True)
         return self._index[split]
 
     def labels(self, split: str) -> np.ndarray:
         if split not in self._labels:
             self._check_split(split)
-            self._labels[split] = np.load(self.path / split / "labels.npy")
+            a = self._array(split, "labels.npy", (self.size(split),), False)
+            if len(a) and not (0 <= a.min() and a.max() < self.num_classes):
+                raise BadInput(
+                    f"{self.path / split / 'labels.npy'} is corrupt (labels outside 0.."
+                    f"{self.num_classes - 1}): prepare the store again"
+                )
+            self._labels[split] = a
         return self._labels[split]
 
     @property
@@ -251,14 +292,32 @@ class Store:
             out.append(buf)
         return out
 
+    def planars(self, split: str, idx) -> list[np.ndarray]:
+        """Images idx as stored, decoded: uint8 (C, S, S) each. A record that does not decode
+        to one is BadInput naming the store, the split and the record's index."""
+        out = []
+        shape = (self.channels, self.image_size, self.image_size)
+        for i, buf in zip(np.asarray(idx).tolist(), self.records(split, idx), strict=True):
+            try:
+                a = decode_record(buf, self.encoding, self.channels, self.image_size)
+                if a.shape != shape:
+                    raise ValueError(f"decodes to {a.shape}, not {shape}")
+            except BadInput:
+                raise
+            except Exception as e:  # libjpeg's, Pillow's or numpy's own complaint
+                raise BadInput(
+                    f"store {self.path}: {split} record {i} is corrupt ({_why(e)}): prepare the "
+                    "store again"
+                ) from None
+            out.append(a)
+        return out
+
     def planar(self, split: str, i: int) -> np.ndarray:
         """Image i as stored: uint8 (C, S, S), C = 1 for grey stores."""
         n = self.size(split)
         if not -n <= i < n:
             raise IndexError(f"image {i} out of range for split {split!r} of {n} images")
-        return decode_record(
-            self.record(split, i % n), self.encoding, self.channels, self.image_size
-        )
+        return self.planars(split, [i % n])[0]
 
     def image(self, split: str, i: int) -> np.ndarray:
         """Image i as uint8 (S, S, 3) RGB (grey replicated)."""
@@ -266,6 +325,31 @@ class Store:
         if p.shape[0] == 1:
             p = np.repeat(p, 3, axis=0)
         return np.ascontiguousarray(p.transpose(1, 2, 0))
+
+
+def _check_manifest(path: Path, m: dict) -> None:
+    """BadInput naming the manifest unless it has every key a reader needs, of the right type
+    (a hand-edited or foreign manifest would otherwise fail later with a KeyError)."""
+
+    def strings(v) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)
+
+    checks = {
+        "classes": strings,
+        "splits": strings,
+        "counts": lambda v: (
+            isinstance(v, dict)
+            and all(isinstance(v.get(s), int) and v[s] >= 0 for s in m.get("splits") or [])
+        ),
+        "image_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+        "channels": lambda v: v in (1, 3),
+        "encoding": lambda v: v in ("jpeg", "raw"),
+        "kind": lambda v: isinstance(v, str),
+    }
+    bad = [k for k, ok in checks.items() if k not in m or not ok(m[k])]
+    if bad:
+        what = ", ".join(f"{k!r}" for k in bad)
+        raise BadInput(f"{path} lacks or garbles {what}: not a complete store manifest")
 
 
 def open_store(path: str | os.PathLike) -> Store:
@@ -297,6 +381,7 @@ def open_store(path: str | os.PathLike) -> Store:
             f"{p} has store format version {version}; this alexnet reads version {VERSION}: "
             "prepare the store again with this version"
         )
+    _check_manifest(mpath, manifest)
     for split in manifest["splits"]:
         for name in ("index.npy", "labels.npy"):
             if not (p / split / name).exists():
