@@ -39,14 +39,14 @@ _PHOTOS: list = []  # the photos, loaded once per process that makes JPEGs
 
 
 def _photos() -> list:
+    try:  # an optional dependency: the [bench] extra (and [dev]); asked each time, cache or not
+        import skimage.data
+    except ImportError:
+        raise BadInput(
+            "the benchmarks make their JPEGs from scikit-image's photos: "
+            "pip install 'alexnet[bench]'"
+        ) from None
     if not _PHOTOS:
-        try:  # an optional dependency: the [bench] extra (and [dev])
-            import skimage.data
-        except ImportError:
-            raise BadInput(
-                "the benchmarks make their JPEGs from scikit-image's photos: "
-                "pip install 'alexnet[bench]'"
-            ) from None
         _PHOTOS.extend(Image.fromarray(getattr(skimage.data, name)()) for name in PHOTOS)
     return _PHOTOS
 
