@@ -226,3 +226,29 @@ def test_spatial_response_norm_matches_formula():
     np.testing.assert_allclose(m(x).numpy(), ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(m(x.float()).double().numpy(), ref, rtol=2e-6, atol=1e-6)
     assert np.abs(ref - x.numpy()).max() > 0.05 * np.abs(x.numpy()).max()
+
+
+@pytest.mark.slow
+def test_kept_buffers_survive_two_forwards_before_the_backwards(backend):
+    """The channels_last kernels keep their scratch tensors between calls (lrn._Buffers): two
+    forwards of the same shape, then the two backwards in either order (gradient accumulation,
+    the two towers on one device), must each still get the gradient of their own input."""
+    backend("compiled")
+    k, alpha, n, beta = PROFILES["paper"]
+    xs = [activations(shape=(2, 16, 5, 6), seed=s, signed=True) for s in (3, 4)]
+    gs = [torch.randn(xs[0].shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+          for s in (5, 6)]  # fmt: skip
+    refs = []
+    for x, g in zip(xs, gs, strict=True):
+        xr = x.clone().requires_grad_(True)
+        lrn_naive_torch(xr.relu(), k, alpha, n, beta, 2).backward(g)
+        refs.append(xr.grad)
+    for order in ((0, 1), (1, 0)):
+        xc = [x.float().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+              for x in xs]  # fmt: skip
+        outs = [local_response_norm(x, n, alpha, beta, k, 2, relu=True) for x in xc]
+        for i in order:
+            outs[i].backward(gs[i].float().contiguous(memory_format=torch.channels_last))
+        for i in (0, 1):
+            err = (xc[i].grad.double() - refs[i]).abs().max() / refs[i].abs().max()
+            assert err < 1e-5, (order, i, err)

@@ -13,9 +13,10 @@ with the closed-form gradient
     d loss / d a[i] = g[i] s[i] - 2 alpha beta a[i] sum_{j in win(i)} g[j] a[j] s[j] / D[j]
 
 where D = k + alpha * window_sum(a^2) and s = D^-beta; the window is symmetric, so the same
-window sum serves forward and backward. In NCHW it saves only its input (the window sum of a^2
-is recomputed in the backward kernels from a few cached loads, cheaper than writing and
-re-reading D); in channels_last it also keeps the padded squares (see _cl_groups). With
+window sum serves forward and backward. It saves only its input: in NCHW the window sum of a^2
+is recomputed inside the backward kernels from a few cached loads; in channels_last the padded
+squares P and the padded t of the backward live in buffers the function keeps and reuses (see
+_cl_groups and _Buffers), so a step allocates only the LRN's output and its gradient. With
 relu=True it normalises relu(x) with the ReLU fused in (the paper's conv -> ReLU -> LRN): one
 pass less over the layer's output forward and one backward.
 
@@ -24,9 +25,7 @@ tests/test_lrn.py:
 
 - "compiled": the forward, t = g*a*s/D and the gradient each fused by torch.compile (Inductor:
   one C++/OpenMP loop on CPUs, one Triton kernel on GPUs) into a single pass that reads a few
-  tensors and writes one. Measured on this project's 2-core CPU, forward + backward of the two
-  LRN layers: 1.4 (NCHW) and 1.6 (channels_last) CPU ms per image against 3.3 for the eager form
-  below; in a whole training step of the paper net, 45 against 53 CPU ms per image.
+  tensors and writes one (several times faster than the eager form: BENCHMARKS.md).
 - "eager": shifted-slice window sums with in-place updates, for tensors too small to be worth a
   compilation, and for machines where torch.compile is not available (no C++ compiler, ...).
 
@@ -39,6 +38,7 @@ batch of a new shape compiles its kernels (seconds; cached on disk by torch afte
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 
 import torch
@@ -155,7 +155,13 @@ def _cl_padded_squares(x, size: int, groups: int, relu: bool):
     return _cl_pad(a * a, size)
 
 
+def _cl_squares_into(p, x, size: int, groups: int, relu: bool):
+    """P (the padded squares) written into the kept buffer p (no fresh allocation)."""
+    return p.copy_(_cl_padded_squares(x, size, groups, relu))
+
+
 def _cl_window(p: torch.Tensor, size: int, c: int) -> torch.Tensor:
+    p = _acc(p)  # a buffer kept in bf16 is summed in float32
     out = p[..., 0:c]
     for o in range(1, 2 * (size // 2) + 1):
         out = out + p[..., o : o + c]
@@ -174,6 +180,11 @@ def _cl_bwd_t(g, x, p, size: int, groups: int, k: float, alpha: float, beta: flo
     return _acc(_cl_groups(g, groups)) * a * _inv_pow(d, beta) / d
 
 
+def _cl_bwd_t_into(tview, g, x, p, size: int, groups: int, k, alpha, beta, relu: bool):
+    """t written straight into the interior of the kept padded buffer (its margins stay 0)."""
+    return tview.copy_(_cl_bwd_t(g, x, p, size, groups, k, alpha, beta, relu))
+
+
 def _cl_bwd_g(g, x, p, tp, size: int, groups: int, k: float, alpha: float, beta: float, relu: bool):
     xg = _cl_groups(x, groups)
     a = _input(xg, relu)
@@ -190,10 +201,9 @@ _PLAIN = {
     "fwd": _fwd,
     "bwd_t": _bwd_t,
     "bwd_g": _bwd_g,
-    "cl_sq": _cl_padded_squares,
+    "cl_sq": _cl_squares_into,
     "cl_fwd": _cl_fwd,
-    "cl_bwd_t": _cl_bwd_t,
-    "cl_pad": _cl_pad,
+    "cl_bwd_t": _cl_bwd_t_into,
     "cl_bwd_g": _cl_bwd_g,
 }
 _keys: dict[str, set] = {name: set() for name in _PLAIN}
@@ -233,16 +243,73 @@ def _call(name: str, x: torch.Tensor, args: tuple, consts: tuple) -> torch.Tenso
     return fn(*args, *consts)
 
 
+class _Buffers(threading.local):
+    """The channels_last path's scratch tensors, kept and reused: P and the padded t are
+    internal to one forward or one backward call (never returned, never saved for later), so
+    the next call may overwrite them. A fresh tensor of that size costs a page fault per 4 KiB
+    on every step (glibc returns large blocks to the kernel on free): reusing them halved the
+    two LRN layers' time in a plain training loop (BENCHMARKS.md). One set per thread, the few
+    most recent shapes only."""
+
+    def __init__(self, keep: int = 6):
+        self.keep = keep
+        self.tensors: dict[tuple, torch.Tensor] = {}
+        self.tags: dict[tuple, tuple] = {}  # what a buffer holds now (see _p_tag)
+        self.count = 0
+
+    @staticmethod
+    def _key(name: str, shape: tuple, like: torch.Tensor) -> tuple:
+        # In `like`'s dtype for bf16/fp16 inputs (half the bytes; the window sums are still
+        # done in float32, _cl_window), else float32.
+        dtype = like.dtype if like.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        return (name, shape, like.device, dtype)
+
+    def get(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """The buffer `name` of this shape for inputs like `like`."""
+        key = self._key(name, shape, like)
+        t = self.tensors.pop(key, None)
+        if t is None:  # zero-filled once: the margins of the padded t are never written
+            t = torch.zeros(shape, dtype=key[3], device=like.device)
+            while len(self.tensors) >= self.keep:
+                gone = next(iter(self.tensors))
+                self.tensors.pop(gone)
+                self.tags.pop(gone, None)
+        self.tensors[key] = t  # the most recent last
+        return t
+
+    def stamp(self, name: str, shape: tuple, x: torch.Tensor) -> tuple:
+        """Record that buffer `name` now holds what was computed from x; returns the stamp."""
+        self.count += 1
+        tag = (self.count, x.data_ptr(), x._version)
+        self.tags[self._key(name, shape, x)] = tag
+        return tag
+
+    def holds(self, name: str, shape: tuple, x: torch.Tensor, tag: tuple | None) -> bool:
+        """The buffer still holds what the stamp `tag` recorded (nothing has overwritten it)."""
+        return tag is not None and self.tags.get(self._key(name, shape, x)) == tag
+
+
+_buffers = _Buffers()
+
+
+def _padded_shape(x: torch.Tensor, size: int, groups: int) -> tuple:
+    n, c, h, w = x.shape
+    return (n, h, w, groups, c // groups + 2 * (size // 2))
+
+
 class _LRNCompiledFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size, groups, k, alpha, beta, relu):
         ctx.cl = _memory_format(x) == torch.channels_last
         c = ctx.consts = (size, groups, float(k), float(alpha), float(beta), bool(relu))
+        ctx.save_for_backward(x)  # only x: D (NCHW) or P (channels_last) can be recomputed
+        ctx.p_tag = None
         if ctx.cl:
-            p = _call("cl_sq", x, (x,), (size, groups, c[-1]))
-            ctx.save_for_backward(x, p)  # keeping P costs memory, recomputing it a full pass
+            shape = _padded_shape(x, size, groups)
+            p = _buffers.get("p", shape, x)
+            _call("cl_sq", x, (p, x), (size, groups, c[-1]))
+            ctx.p_tag = _buffers.stamp("p", shape, x)
             return _call("cl_fwd", x, (x, p), c)
-        ctx.save_for_backward(x)  # NCHW: D is recomputed inside the fused kernels, no pass
         return _call("fwd", x, (x,), c)
 
     @staticmethod
@@ -250,10 +317,18 @@ class _LRNCompiledFunction(torch.autograd.Function):
     def backward(ctx, g):
         c = ctx.consts
         if ctx.cl:
-            x, p = ctx.saved_tensors
+            (x,) = ctx.saved_tensors
+            size, groups, half = c[0], c[1], c[0] // 2
             g = g.contiguous(memory_format=torch.channels_last)
-            t = _call("cl_bwd_t", x, (g, x, p), c)
-            tp = _call("cl_pad", x, (t,), c[:1])
+            # P as the forward left it, unless another call of this shape has overwritten it
+            # since (a second forward before this backward, the other tower): then again.
+            shape = _padded_shape(x, size, groups)
+            p = _buffers.get("p", shape, x)
+            if not _buffers.holds("p", shape, x, ctx.p_tag):
+                _call("cl_sq", x, (p, x), (size, groups, c[-1]))
+                _buffers.stamp("p", shape, x)
+            tp = _buffers.get("tp", shape, x)
+            _call("cl_bwd_t", x, (tp[..., half : tp.shape[-1] - half], g, x, p), c)
             grad = _call("cl_bwd_g", x, (g, x, p, tp), c)
         else:
             (x,) = ctx.saved_tensors

@@ -26,7 +26,7 @@ from torch import nn
 from alexnet.config import ModelConfig, Profile, check_model_config, get_profile, replace_checked
 from alexnet.errors import BadInput
 from alexnet.lrn import ResponseNorm, SpatialResponseNorm
-from alexnet.speed import cpu_channels_last
+from alexnet.speed import network_input
 from alexnet.towers import Each, Parts, TowerConv, TowerLinear, TowerNorm, gather
 
 # Kernels per layer and tower connectivity of Figure 2; "cross" layers see both towers' maps.
@@ -200,10 +200,8 @@ class AlexNet(nn.Module):
 
     def _run(self, x: torch.Tensor, until: str | None = None) -> Parts:
         self.check_input(x)
-        pad = self.config.conv1_pad_right_bottom
-        if pad:  # 2012 code: 1 + ceil((224 - 11) / 4) = 55 outputs = zero-pad right/bottom by 3
-            x = F.pad(x, (0, pad, 0, pad))
-        xs = [cpu_channels_last(x)]
+        # 2012 code: 1 + ceil((224 - 11) / 4) = 55 outputs = zero-pad right/bottom by 3.
+        xs = [network_input(x, self.config.conv1_pad_right_bottom)]
         for name in self.stages:
             xs = getattr(self, name)(xs)
             if name == until:

@@ -28,29 +28,32 @@ import platform
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from alexnet.errors import BadInput
 
 
 # --- CPU speed tweaks inside the network (same function, faster on CPUs) ------------------------
-def conv2d_per_tower(x, weight, bias, stride: int, pad: int, towers: int) -> torch.Tensor:
-    """A convolution whose every kernel sees all input maps (conv1, conv3), computed as the
-    paper's towers do (Sec. 3.2): each tower's half of the kernels on its own, then the maps
-    concatenated. The same function as one convolution; used on CPUs, where oneDNN's
-    weight-gradient kernel for conv1's 96 maps costs about twice as much per multiply-add as for
-    48 (BENCHMARKS.md)."""
-    halves = zip(weight.chunk(towers), bias.chunk(towers), strict=True)
-    return torch.cat([F.conv2d(x, w, b, stride, pad) for w, b in halves], 1)
-
-
-def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """On CPUs the two-tower net runs channels_last whatever its input's memory format (the same
-    function): torch's NCHW max-pool is several times slower than its NHWC one on the 96 and 256
-    maps pooled there, and the LRN's kernels suit it (alexnet.lrn; BENCHMARKS.md)."""
-    if x.device.type == "cpu":
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+def network_input(x: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """The two-tower net's input, zero-padded right and bottom by `pad` (the 2012 code's conv1
+    arithmetic), and on CPUs in channels_last whatever its memory format (the same function):
+    torch's NCHW max-pool is several times slower than its NHWC one on the 96 and 256 maps
+    pooled there, and the LRN's kernels suit it (alexnet.lrn; BENCHMARKS.md). Both in one copy
+    of the batch, not a padded copy and then a reordered one."""
+    cpu = x.device.type == "cpu"
+    if not pad:
+        return x.contiguous(memory_format=torch.channels_last) if cpu else x
+    n, c, h, w = x.shape
+    keep_cl = (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+    fmt = torch.channels_last if cpu or keep_cl else torch.contiguous_format
+    out = torch.empty((n, c, h + pad, w + pad), dtype=x.dtype, device=x.device, memory_format=fmt)
+    out[:, :, :h, :w] = x
+    out[:, :, h:, :] = 0  # the bottom rows and the right columns: the 2012 code's zero padding
+    out[:, :, :h, w:] = 0
+    return out
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet.speed import conv2d_per_tower
-
 Parts = list[torch.Tensor]
 
 
@@ -137,10 +135,6 @@ class TowerConv(_TowerLayer):
     def forward(self, xs: Parts) -> Parts:
         if not self.split:
             x = xs[0]
-            if self.cross and self.towers > 1 and x.device.type == "cpu":
-                return [
-                    conv2d_per_tower(x, self.weight, self.bias, self.stride, self.pad, self.towers)
-                ]
             groups = 1 if self.cross else self.towers
             return [F.conv2d(x, self.weight, self.bias, self.stride, self.pad, 1, groups)]
         if self.cross:  # every tower's maps onto each device (Sec. 3.2)

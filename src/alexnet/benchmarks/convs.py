@@ -2,8 +2,7 @@
 
 - conv2 (Figure 2: each tower's 128 kernels see only its own 48 maps; 27x27, 5x5, pad 2): one
   grouped convolution (groups=2, what the one-device net runs) against two dense convolutions
-  on the towers' halves, concatenated (what speed.conv2d_per_tower does for conv1 and conv3 on
-  CPUs);
+  on the towers' halves, concatenated (the way a tower-by-tower computation would go);
 - conv1 (96 kernels of 11x11x3, stride 4, on 224x224; 3 input maps, an awkward shape for
   channels_last kernels) as it is;
 each timed forward + backward (input and weight gradients; conv1's input gradient too, which

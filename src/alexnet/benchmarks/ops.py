@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from alexnet.model import AlexNet, build_model
-from alexnet.speed import FastMode, autocast, cpu_channels_last, prepare_input
+from alexnet.speed import FastMode, autocast, network_input, prepare_input
 
 
 def _stages(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -43,6 +43,10 @@ def _clone(x):
     return x.detach().clone().requires_grad_(x.is_floating_point())
 
 
+def _no_grad(x):
+    return [t.detach().clone() for t in x] if isinstance(x, list) else x.detach().clone()
+
+
 def _grads_of(out):
     return [torch.randn_like(t) for t in out] if isinstance(out, list) else torch.randn_like(out)
 
@@ -54,27 +58,30 @@ def layer_times(model, x, mode: FastMode, repeats: int = 5) -> list[dict[str, An
     with torch.no_grad(), autocast(mode, x.device):
         h = [x] if isinstance(model, AlexNet) else x
         if isinstance(model, AlexNet):  # as AlexNet._run prepares the input
-            pad = model.config.conv1_pad_right_bottom
-            h = [cpu_channels_last(F.pad(x, (0, pad, 0, pad)) if pad else x)]
+            h = [network_input(x, model.config.conv1_pad_right_bottom)]
         for _name, m in stages:
             inputs.append(_clone(h))
             h = m(h)
     rows = []
-    for (name, m), inp in zip(stages, inputs, strict=True):
+    for k, ((name, m), inp) in enumerate(zip(stages, inputs, strict=True)):
         fwd, bwd = [], []
         for _ in range(repeats + 1):
-            leaf = _clone(inp)  # in-place stages (ReLU) must not see their own output again,
-            a = [t.clone() for t in leaf] if isinstance(leaf, list) else leaf.clone()  # nor a leaf
+            # The first stage's input is the image (no gradient); the others' are activations.
+            leaf = _clone(inp) if k else _no_grad(inp)
+            # In-place stages (ReLU) must not see their own output again, nor a leaf.
+            a = [t.clone() for t in leaf] if isinstance(leaf, list) else leaf.clone()
             t0 = time.perf_counter()
             with autocast(mode, x.device):
                 out = m(a)
             t1 = time.perf_counter()
             outs = out if isinstance(out, list) else [out]
-            if any(o.requires_grad for o in outs):
-                torch.autograd.backward(outs, [g for g in _grads_of(outs)])
+            grads = _grads_of(outs)  # made outside the timed backward
             t2 = time.perf_counter()
+            if any(o.requires_grad for o in outs):
+                torch.autograd.backward(outs, grads)
+            t3 = time.perf_counter()
             fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
+            bwd.append(t3 - t2)
         rows.append({
             "layer": name,
             "forward_ms": 1000 * statistics.median(fwd[1:]),
@@ -104,19 +111,23 @@ def op_times(step, steps: int = 3, top: int = 12) -> tuple[float, list[dict[str,
         for _ in range(steps):
             step()
         wall = (time.perf_counter() - t0) / steps
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    merged: dict[str, list[float]] = {}  # op -> [calls, self microseconds]
+    for e in prof.key_averages():
+        # Every kernel torch.compile made for the LRN counts as one operator.
+        key = "compiled LRN kernels" if e.key.startswith("## Call CompiledFxGraph") else e.key
+        acc = merged.setdefault(key, [0, 0.0])
+        acc[0] += e.count
+        acc[1] += e.self_cpu_time_total
+    total = sum(v[1] for v in merged.values())
+    rows = sorted(merged.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
     return 1000 * wall, [
         {
-            "op": e.key
-            if not e.key.startswith("## Call CompiledFxGraph")
-            else "compiled LRN kernel",
-            "calls_per_step": e.count / steps,
-            "self_ms_per_step": e.self_cpu_time_total / 1000 / steps,
-            "share": e.self_cpu_time_total / total if total else 0.0,
+            "op": key,
+            "calls_per_step": calls / steps,
+            "self_ms_per_step": us / 1000 / steps,
+            "share": us / total if total else 0.0,
         }
-        for e in rows
+        for key, (calls, us) in rows
     ]
 
 
