@@ -49,7 +49,7 @@ from torch import nn
 BACKENDS = ("auto", "compiled", "eager")
 COMPILE_MIN_NUMEL = 1 << 20  # one batch of 2 at conv1's 96x55x55 is 0.6M: tests stay eager
 # Distinct (shape, strides, dtype, constants) each get their own static-shape kernel; a static
-# kernel is 2-3x faster here than a dynamic-shape one. A training run needs a few (2 layers x
+# kernel is several times faster here than a dynamic-shape one. A training run needs a few (2 layers x
 # train/eval batch sizes), `alexnet bench model` 24 (3 profiles x 2 layers x 2 dtypes x 2
 # layouts). torch._dynamo's per-function recompile limit is raised to this; past it, eager.
 MAX_COMPILED_KEYS = 32
@@ -135,9 +135,9 @@ def _bwd_g(g, x, t, size: int, groups: int, k: float, alpha: float, beta: float,
 
 # channels_last: the maps of one pixel are contiguous, so the window runs along the innermost
 # dimension, where the zero padding of _window_sum costs Inductor a per-lane mask on every
-# shifted load (2-4x slower than NCHW here). Instead the padded squares P (kept for the
-# backward) and the padded t of the backward are written once each, and the window sums read
-# them with plain shifted loads.
+# shifted load (several times slower than the padded buffers: BENCHMARKS.md). Instead the padded
+# squares P and the padded t of the backward are written once each into kept buffers
+# (_Buffers), and the window sums read them with plain shifted loads.
 def _cl_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).unflatten(3, (groups, -1))  # (N, H, W, G, C/G), a view
 

@@ -5,19 +5,19 @@
 torchvision's AlexNet in one interleaved run (see BENCHMARKS.md for the figures behind the
 defaults below).
 
-What was measured on this project's 2-core AMD EPYC (Zen 4, AVX512-BF16), batch 128, training
-steps interleaved with torchvision's AlexNet (numbers: BENCHMARKS.md, `alexnet bench model`):
-- float32: channels_last is 5-12% faster for torchvision's net (torch's NCHW max-pool is ~5x
-  slower than its NHWC one); the two-tower net runs channels_last internally on CPUs whatever
-  its input (model.py), so its fp32 and fp32+cl modes are the same speed.
-- bfloat16 autocast: ~1.6-1.9x float32 (oneDNN runs bf16 dot products natively); bf16+cl is
-  the two-tower net's fastest mode here.
-- torch.compile of the whole model: 10-30% slower than eager on this CPU (oneDNN already runs
-  the convs and matmuls; Inductor's pools cost more than its fusion saves), so it stays off by
-  default. The LRN alone is compiled (alexnet.lrn): 53 -> 45 CPU ms per trained image.
-- glibc's malloc returns every large block to the kernel on free and page-faults it back in on
-  the next allocation: with `tune_cpu_allocator` a training step is 12-28% faster in float32
-  and 22-50% in bf16, for every net. Set once per process (prepare_model does it).
+What the defaults rest on (every figure in BENCHMARKS.md, "Why the code is shaped so"):
+- float32: channels_last is faster for torchvision's net (torch's NCHW max-pool is much slower
+  than its NHWC one); the two-tower net runs channels_last internally on CPUs whatever its
+  input (network_input), so its fp32 and fp32+cl modes are the same speed.
+- bfloat16 autocast: well ahead of float32 where the CPU has native bf16 (oneDNN runs bf16 dot
+  products natively); bf16+cl is the two-tower net's fastest mode there.
+- torch.compile of the whole model: slower than eager on CPUs (oneDNN already runs the convs
+  and matmuls; Inductor's pools cost more than its fusion saves), so it stays off by default.
+  The LRN alone is compiled (alexnet.lrn).
+- glibc's malloc returns every block above 32 MiB to the kernel on free and page-faults it back
+  in on the next allocation: `tune_cpu_allocator` keeps them, a process-wide setting that
+  `alexnet train` and `alexnet evaluate` make (prepare_model) and that a user's own script can
+  make with one call; build_model never does.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ records (one pread each), decode them (libjpeg-turbo) or view the raw pixels, an
 into a uint8 batch allocated directly in shared memory, so handing it over copies nothing. The
 float work (mean subtraction, lighting, scale) is done where the batch is used: on the GPU as
 batched tensor ops on the uint8 crops (4x fewer bytes to copy than float), on the CPU image by
-image in the consumer's process into recycled buffers (~0.1 ms per image; a float batch made in
-a worker would cost more in shared-memory page faults than the arithmetic itself).
+image in the consumer's process into recycled buffers (a float batch made in a worker would
+cost more in shared-memory page faults than the arithmetic itself).
 
 Every batch travels with its per-image parameters as tensors: pos (n, 3) int64 = crop top,
 left and reflection, and the lighting offsets (n, 3) float32. On a GPU they are pinned with the
