@@ -49,9 +49,9 @@ from torch import nn
 BACKENDS = ("auto", "compiled", "eager")
 COMPILE_MIN_NUMEL = 1 << 20  # one batch of 2 at conv1's 96x55x55 is 0.6M: tests stay eager
 # Distinct (shape, strides, dtype, constants) each get their own static-shape kernel; a static
-# kernel is several times faster here than a dynamic-shape one. A training run needs a few (2 layers x
-# train/eval batch sizes), `alexnet bench model` 24 (3 profiles x 2 layers x 2 dtypes x 2
-# layouts). torch._dynamo's per-function recompile limit is raised to this; past it, eager.
+# kernel is several times faster here than a dynamic-shape one. A training run needs a few (2
+# layers x train/eval batch sizes), `alexnet bench model` 24 (3 profiles x 2 layers x 2 dtypes x
+# 2 layouts). torch._dynamo's per-function recompile limit is raised to this; past it, eager.
 MAX_COMPILED_KEYS = 32
 
 _state = {"backend": os.environ.get("ALEXNET_LRN", "auto"), "failed": False}

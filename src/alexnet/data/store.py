@@ -33,7 +33,7 @@ from alexnet.errors import BadInput, NotFound
 
 try:
     # libjpeg-turbo through torchvision's image extension: faster than Pillow's decoder on
-    # 256x256 images (BENCHMARKS.md). torchvision 0.29 deprecates the Python wrapper decode_jpeg in favour of
+    # 256x256 images. torchvision 0.29 deprecates the Python wrapper decode_jpeg in favour of
     # TorchCodec and warns on every call; the operator under it is called directly. Where it is
     # gone, Pillow decodes (also libjpeg-turbo, a little slower).
     import torchvision.io  # noqa: F401  (loads the extension that registers the operator)
