@@ -280,7 +280,8 @@ class _Buffers(threading.local):
     def stamp(self, name: str, shape: tuple, x: torch.Tensor) -> tuple:
         """Record that buffer `name` now holds what was computed from x; returns the stamp."""
         self.count += 1
-        tag = (self.count, x.data_ptr(), x._version)
+        version = -1 if x.is_inference() else x._version  # inference tensors keep no version
+        tag = (self.count, x.data_ptr(), version)
         self.tags[self._key(name, shape, x)] = tag
         return tag
 
