@@ -252,3 +252,17 @@ def test_kept_buffers_survive_two_forwards_before_the_backwards(backend):
         for i in (0, 1):
             err = (xc[i].grad.double() - refs[i]).abs().max() / refs[i].abs().max()
             assert err < 1e-5, (order, i, err)
+
+
+@pytest.mark.slow
+def test_compiled_channels_last_under_inference_mode(backend):
+    """Evaluation runs under torch.inference_mode (bench model, predict): its tensors keep no
+    version counter, which the kept scratch's stamp must not need."""
+    backend("compiled")
+    k, alpha, n, beta = PROFILES["paper"]
+    x = activations(shape=(2, 16, 5, 6), seed=7)
+    ref = lrn_numpy(x.numpy(), k, alpha, n, beta, 2)
+    with torch.inference_mode():
+        out = local_response_norm(x.float().contiguous(memory_format=torch.channels_last), n,
+                                  alpha, beta, k, 2)  # fmt: skip
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=1e-5, atol=1e-5 * abs(ref).max())
