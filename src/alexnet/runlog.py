@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,19 @@ def read_metrics(path: str | Path, drop_torn_tail: bool = False) -> list[dict[st
     return records
 
 
+def _after_in_name_order(files: list[Path]) -> None:
+    """Wait, if need be, until a new event file's name sorts after `files`. TensorBoard reads a
+    folder's event files in name order, and a name starts with the second the file was made,
+    then the host and the pid: a resumed run's file made in the same second as the killed
+    run's, by a process with a smaller pid, would be read first and its purge applied before
+    the events it has to purge (seen in CI: a kill at step 1, resumed within the second)."""
+    seconds = [int(p.name.split(".")[3]) for p in files if p.name.split(".")[3].isdigit()]
+    if seconds:
+        wait = max(seconds) + 1 - time.time()
+        if wait > 0:
+            time.sleep(wait)
+
+
 class RunLog:
     """The observability of one run (see the module docstring). `main`: rank 0, which writes."""
 
@@ -65,7 +79,9 @@ class RunLog:
         again."""
         if not self.main:
             return
-        earlier = any(self.out.glob("events.out.tfevents.*"))
+        earlier = list(self.out.glob("events.out.tfevents.*"))
+        if earlier:
+            _after_in_name_order(earlier)
         self.tb = SummaryWriter(str(self.out), purge_step=step + 1 if earlier else None)
 
     def close(self) -> None:
