@@ -384,7 +384,8 @@ def format_markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["peak_gflops"].items())
     loop = s.get("loop", "tuned")
-    begin, end = markers(section_name(f"bench model, {loop} loop", m))
+    batch = "" if s["batch_size"] == 128 else f", batch {s['batch_size']}"
+    begin, end = markers(section_name(f"bench model, {loop} loop{batch}", m))
     what = {
         "plain": "a plain loop: torch.optim.SGD, glibc's malloc as it is (what a user's own "
         "script gets)",
