@@ -423,6 +423,17 @@ def test_errors_lose_nothing(tmp_path):
     assert (tmp_path / "out" / "manifest.json").read_bytes() == manifest
     assert open_store(tmp_path / "out").size("train") == 3
 
+    # A store made before a parameter existed (no "classes" key) is the same store when the
+    # parameter has its default; `make demo` refused such a Fashion-MNIST store after --classes.
+    m = json.loads(manifest)
+    del m["params"]["classes"]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(m))
+    prepare_store(src, tmp_path / "out", size=16, val_fraction=0.5, **quiet())
+    with pytest.raises(ValueError, match="already holds a prepared store"):
+        prepare_store(
+            src, tmp_path / "out", size=16, val_fraction=0.5, classes=["c0", "c1"], **quiet()
+        )
+
 
 def test_open_store_errors(tmp_path):
     with pytest.raises(FileNotFoundError):

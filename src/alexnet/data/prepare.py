@@ -200,7 +200,7 @@ def _check_out(out: Path, params: dict) -> str:
             old = json.loads((out / MANIFEST).read_text()).get("params")
         except (OSError, json.JSONDecodeError, AttributeError):
             old = None
-        if old == params:
+        if _same_params(old, params):
             return "done"
         raise BadInput(
             f"OUT {out} already holds a prepared store made differently "
@@ -212,7 +212,7 @@ def _check_out(out: Path, params: dict) -> str:
             old = json.loads(state.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
-        if old == params:
+        if _same_params(old, params):
             return "resume"
         raise BadInput(
             f"OUT {out} holds an interrupted prepare of something else "
@@ -224,6 +224,16 @@ def _check_out(out: Path, params: dict) -> str:
             f"OUT {out} is not empty and holds no store: choose an empty or new directory"
         )
     return "new"
+
+
+def _same_params(old, new: dict) -> bool:
+    """Whether a store (or an interrupted prepare) was made with `new`'s parameters. A parameter
+    added to prepare since (its key missing from `old`) matches when it has its default, None:
+    a store made before `--classes` existed is the same store as one made without it."""
+    if not isinstance(old, dict):
+        return False
+    keys = set(old) | set(new)
+    return all(old.get(k) == new.get(k) and (k in old or new[k] is None) for k in keys)
 
 
 def _differences(old, new: dict) -> str:
