@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from alexnet import checkpoint
 from alexnet.commands import main as cli_main
-from alexnet.config import apply_overrides, get_profile
+from alexnet.config import PROFILES, apply_overrides, get_profile, known_problems
 from alexnet.model import build_model
 from alexnet.train import RunConfig, Trainer
 from conftest import TRAIN_ARGS as ARGS
@@ -182,6 +182,22 @@ def test_bad_arguments_are_clear_errors(tiny_store, tmp_path, capsys):
                      "--val-limit", "0"]) == 2  # fmt: skip
     assert "--val-limit must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "r3").exists()
+
+
+def test_known_problems_are_warned_and_recorded(tiny_store, tmp_path, capsys):
+    """Issue 10: the measured pitfall (inverted dropout with the paper's init stays at chance)
+    is a warning when training and a record in config.json. Of the shipped profiles only
+    `torchvision` has that combination (torchvision's dropout, the paper's init)."""
+    assert [name for name in PROFILES if known_problems(get_profile(name))] == ["torchvision"]
+    out = tmp_path / "inv"
+    argv = ["train", "--data", str(tiny_store), "--out", str(out), "--profile", "paper",
+            "--set", "model.dropout_style=inverted", "--batch-size", "8", "--max-steps", "1",
+            "--no-fast", "--workers", "0", "--val-limit", "4"]  # fmt: skip
+    assert cli_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: inverted dropout with the paper's fc init" in err
+    recorded = json.loads((out / "config.json").read_text())["derived"]["known_problems"]
+    assert len(recorded) == 1 and "docs/recipes.md" in recorded[0]
 
 
 @pytest.mark.slow

@@ -163,7 +163,7 @@ class Profile:
 
 PAPER = Profile(
     name="paper",
-    description="The text of the NIPS 2012 paper, literally.",
+    description="The text of the NIPS 2012 paper, literally (measured to learn: docs/recipes.md).",
     model=ModelConfig(),
     data=DataConfig(),
     train=TrainConfig(),
@@ -348,6 +348,22 @@ def profile_diff(profile: Profile | dict[str, Any], base: str = "paper") -> list
         for k in mine
         if k not in ("name", "description") and not same(mine[k], ref.get(k))
     ]
+
+
+def known_problems(profile: Profile) -> list[str]:
+    """What has been measured to go wrong with this combination of values (docs/recipes.md),
+    as text; `alexnet train` prints each as a warning and records them in config.json."""
+    m = profile.model
+    problems = []
+    paper_fc = all(m.init_std.get(k) == 0.01 and m.init_bias.get(k) == 1.0 for k in ("fc6", "fc7"))
+    if m.dropout > 0 and m.dropout_style == "inverted" and paper_fc:
+        problems.append(
+            "inverted dropout with the paper's fc init (N(0, 0.01), biases 1): with the paper's "
+            "net this kept the training loss at chance for 300+ steps on Fashion-MNIST (batch "
+            "128, lr 0.01), where the paper's dropout (model.dropout_style=classic) left it at "
+            "step 40 (docs/recipes.md)"
+        )
+    return problems
 
 
 def deviations_from_paper(profile: Profile) -> list[str]:

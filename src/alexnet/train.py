@@ -41,6 +41,7 @@ from alexnet.config import (
     check_profile,
     deviations_from_paper,
     get_profile,
+    known_problems,
     profile_from_dict,
 )
 from alexnet.data import TrainLoader, make_eval_loader, open_store
@@ -339,6 +340,7 @@ class Trainer:
                 "store": str(Path(self.run.data).resolve()),
                 "torch": torch.__version__,
                 "deviations_from_paper": deviations_from_paper(self.profile),
+                "known_problems": known_problems(self.profile),
                 "init": self.init_report,  # fine-tuning: what was loaded from --init, if any
             },
         }
@@ -651,6 +653,8 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         if self.is_main:
             write_json(self.out / "config.json", self.resolved_config())
+            for problem in known_problems(self.profile):
+                print(f"warning: {problem}", file=sys.stderr)
         self.log.open(self.pos.step)
         status = "done"
         try:

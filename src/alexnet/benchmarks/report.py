@@ -63,7 +63,8 @@ def machine_lines(m: dict, command: str) -> list[str]:
         f"native bf16: {m['cpu_bf16']}; device {m['device']}"
         + (f" ({m['gpu']}, CUDA {m['cuda']})" if "gpu" in m else ""),
         f"- torch {m['torch']}, Python {m['python']}; date {m['date']}; load average "
-        f"{m.get('loadavg_start')} -> {m.get('loadavg_end')} (other work on the machine)",
+        f"{m.get('loadavg_start')} -> {m.get('loadavg_end')} "
+        "(1, 5, 15 min; the benchmark's own threads count)",
         f"- Command: `{command}`",
     ]
 
