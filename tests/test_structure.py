@@ -146,3 +146,15 @@ def test_docs_hold_no_paths_of_the_machine_that_made_them():
                 f"{f.relative_to(root)}: {p}" for p in ("/tmp/", "/work/", "/root/") if p in text
             ]
     assert not bad, bad
+
+
+def test_long_modules_say_why():
+    """Issue 12: no module over about 450 lines without the reason in its docstring."""
+    long = []
+    for path in sorted(SRC.rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 470:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            if "Why one file of this length" not in doc:
+                long.append(str(path.relative_to(SRC)))
+    assert not long, long

@@ -6,6 +6,10 @@ dataclasses with `dataclasses.replace`, and every run saves the fully resolved c
 
 Sources for every number: docs/facts.md (the paper, the 2012 cuda-convnet code `layers-145.cfg` /
 `layer-params-145.cfg`, Caffe's bvlc_alexnet, torchvision).
+
+Why one file of this length: every value a run can take, the named profiles and the checks
+on them belong together (`alexnet profiles` and a reader see them in one place); most of the
+length is the profiles' values, each with its citation.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Sec. 4.1 of the paper: at test time the network sees five 224x224 patches (four corners and the
 centre) and their horizontal reflections, and averages the ten softmax outputs. One view is
 the centre crop alone (what most later papers report).
+
+Why one file of this length: evaluation and prediction, of one network or an ensemble,
+share the loading, the views and the softmax averaging.
 """
 
 from __future__ import annotations

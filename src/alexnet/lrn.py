@@ -33,6 +33,9 @@ tests/test_lrn.py:
 of at least COMPILE_MIN_NUMEL elements and falls back to eager, once and with a warning, if
 compilation fails. The environment variable ALEXNET_LRN sets the initial choice. The first
 batch of a new shape compiles its kernels (seconds; cached on disk by torch afterwards).
+
+Why one file of this length: the formula, its compiled kernels for both memory formats,
+their scratch buffers and the autograd function are one mechanism; no part stands alone.
 """
 
 from __future__ import annotations

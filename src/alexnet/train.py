@@ -16,6 +16,10 @@ What lands in RUN (the --out folder):
     state.pt            everything needed to resume: weights, optimiser, schedule, RNG, position
     curves.png          loss and error against epochs, lr drops marked (redrawn every epoch)
     events.out.tfevents.*  TensorBoard
+
+Why one file of this length: the Trainer's parts (set-up, the loop, validation,
+checkpoints, resume) share one run's state; the loop itself (`train_epoch`) fits on a screen,
+and what a run shows and records lives in runlog.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
-"""`alexnet figure1`, `ablate`, `recipes`, `kernels`, `neighbors`, `report`: the paper's
-experiments and figures (alexnet.experiments), one command each."""
+"""`alexnet figure1`, `ablate`, `recipes`, `finetune`, `kernels`, `neighbors`, `report`: the paper's
+experiments and figures (alexnet.experiments), one command each.
+
+Why one file of this length: one command module per family; these are the experiments'
+argument parsers and printing, nothing else.
+"""
 
 from __future__ import annotations
 

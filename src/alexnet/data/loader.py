@@ -28,6 +28,9 @@ Sharding (DDP): the global batch b of an epoch is positions [b*B*W, (b+1)*B*W) o
 permutation (B = batch_size per rank, W = world_size); rank r takes the contiguous slice
 [b*B*W + r*B, b*B*W + (r+1)*B). So N ranks see exactly the global batches that one rank with
 batch_size B*N sees, and the views (a function of seed, epoch, image) are the same too.
+
+Why one file of this length: the training loader, its persistent workers and their shared
+buffers, and the evaluation loader are one data path with one set of invariants.
 """
 
 from __future__ import annotations

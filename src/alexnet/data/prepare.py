@@ -14,6 +14,9 @@ One prepare at a time writes a store (fileio.exclusive_lock on OUT). A worker pr
 (the OOM killer, a decoder crash) ends the command with WorkerDied, the finished chunks kept.
 Files that are not regular files, larger than --max-file-mb or of more than --max-pixels are
 skipped and reported, never read whole or decoded.
+
+Why one file of this length: listing, chunked workers, resume and the statistics are the
+one writer of a store, and share its on-disk invariants.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ Resumable: each finished run leaves OUT/runs/<row>-seed<s>/result.json and is sk
 rerun; an interrupted run resumes from its checkpoint (Ctrl-C once: checkpoint and stop).
 To keep disk use small, a run's state.pt is deleted once its result is written, and its
 model.safetensors too except for the seed-0 baseline's (--keep-weights keeps all).
+
+Why one file of this length: one experiment per file, as the other experiments: its rows,
+runs, table and figure.
 """
 
 from __future__ import annotations

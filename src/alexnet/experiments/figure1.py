@@ -39,6 +39,9 @@ first epoch, so the ratio is measured at sub-epoch resolution; --threshold chang
 
 Every finished run is cached in OUT/runs/*.json (keyed by everything that defines it): an
 interrupted figure1 resumes where it stopped and a rerun only redraws the figure.
+
+Why one file of this length: the experiment carries its own small network, data reader,
+lr search, runner, table and figure; one experiment per file.
 """
 
 from __future__ import annotations
