@@ -360,7 +360,8 @@ def known_problems(profile: Profile) -> list[str]:
     m = profile.model
     problems = []
     paper_fc = all(m.init_std.get(k) == 0.01 and m.init_bias.get(k) == 1.0 for k in ("fc6", "fc7"))
-    if m.dropout > 0 and m.dropout_style == "inverted" and paper_fc:
+    # The torchvision layout keeps PyTorch's default init (as torchvision): init_std is unused.
+    if m.layout == "two-tower" and m.dropout > 0 and m.dropout_style == "inverted" and paper_fc:
         problems.append(
             "inverted dropout with the paper's fc init (N(0, 0.01), biases 1): with the paper's "
             "net this kept the training loss at chance for 300+ steps on Fashion-MNIST (batch "
