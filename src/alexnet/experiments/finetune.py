@@ -222,9 +222,11 @@ def plot_finetune(s: dict[str, Any], path: str | Path) -> Path:
         hi = [max(v) - m for m, v in zip(mean, vals, strict=True)]
         ax.errorbar(x, mean, yerr=[lo, hi], fmt=style, capsize=3, label=label)
     ax.set_xscale("log")
+    ax.set_xticks(x, [f"{n:,}" for n in x])  # the budgets themselves, not powers of ten
+    ax.minorticks_off()
     ax.set(xlabel="training images of classes 5-9 (N)", ylabel="test top-1 error (%)",
-           title=f"Fine-tuning vs from scratch, Fashion-MNIST 5+5 classes, {s['seeds']} seed(s)"
-           " (bars: min-max)")  # fmt: skip
+           title=f"Fine-tuning vs from scratch, Fashion-MNIST 5+5 classes\n{s['seeds']} "
+           "seed(s), mean; bars: min-max")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
