@@ -83,6 +83,12 @@ def test_profiles_table_lists_differences(capsys):
         assert name in out
     for key in ["model.lrn_alpha", "model.lrn_k", "model.input_size", "train.bias_lr_mult"]:
         assert key in out
+    # torchvision's net keeps PyTorch's default init: the paper's init values are not shown for it
+    rows = {
+        line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("model.")
+    }
+    assert rows["model.init_std.fc6"][3] == "-" and rows["model.init_std.fc6"][0] == "0.01"
+    assert rows["model.dropout_style"] == ["classic", "classic", "inverted", "inverted", "classic"]
 
 
 @pytest.mark.parametrize(

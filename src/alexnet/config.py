@@ -376,9 +376,21 @@ def deviations_from_paper(profile: Profile) -> list[str]:
     return [f"{k}: {mine!r} (paper: {paper!r})" for k, mine, paper in profile_diff(profile)]
 
 
+# Model fields the torchvision layout does not read: it keeps PyTorch's default init (as
+# torchvision does), has no LRN and one fixed layer order.
+TORCHVISION_UNUSED = ("model.order", "model.lrn_", "model.spatial_norm", "model.init_std.",
+                      "model.init_bias.")  # fmt: skip
+NOT_READ = "-"
+
+
 def profile_differences(names: list[str] | None = None) -> list[tuple[str, list[Any]]]:
-    """[(dotted key, value per profile)] for every value on which the profiles differ."""
-    flat = [flatten(get_profile(n).to_dict()) for n in (names or list(PROFILES))]
+    """[(dotted key, value per profile)] for every value on which the profiles differ; a value
+    the profile's layout does not read is NOT_READ."""
+    names = names or list(PROFILES)
+    flat = [flatten(get_profile(n).to_dict()) for n in names]
+    for n, f in zip(names, flat, strict=True):
+        if get_profile(n).model.layout == "torchvision":
+            f.update({k: NOT_READ for k in f if k.startswith(TORCHVISION_UNUSED)})
     keys = [k for k in flat[0] if k not in ("name", "description")]
     return [(k, [f[k] for f in flat]) for k in keys if len({repr(f[k]) for f in flat}) > 1]
 

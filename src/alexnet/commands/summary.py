@@ -47,7 +47,7 @@ def run_profiles(args) -> int:
     widths = [max(len(str(r[i])) for r in [header, *cells]) for i in range(len(header))]
     for r in [header, ["-" * w for w in widths], *cells]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
-    print()
+    print("(-: a value this profile's layout does not read)\n")
     for n in names:
         print(f"{n}: {PROFILES[n].description}")
     print("\nThe paper's variants and ablations, on any two-tower profile (--set model.FIELD=...):")
