@@ -70,7 +70,7 @@ def test_gpu_script_dry_run(tmp_path):
     assert r["bench_model_compile"]["rows"]
 
     md = (out / "BENCHMARKS.md").read_text()
-    for name in ("bench model", "bench e2e", "bench data, 2 workers"):  # the last: kept as was
+    for name in ("bench model, tuned loop", "bench e2e", "bench data, 2 workers"):  # last: kept
         assert f"<!-- alexnet {name}: begin -->" in md, name
     with tarfile.open(out / "evidence.tar.gz") as tar:
         names = set(tar.getnames())
