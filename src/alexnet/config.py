@@ -175,7 +175,10 @@ PAPER = Profile(
 
 CUDA_CONVNET = Profile(
     name="cuda-convnet",
-    description="What the 2012 code ran (layers-145.cfg, layer-params-145.cfg, convdata.py).",
+    description=(
+        "What the 2012 code ran (layers-145.cfg, layer-params-145.cfg, convdata.py; measured to "
+        "learn: docs/recipes.md)."
+    ),
     model=ModelConfig(
         order="cuda-convnet",
         lrn_alpha=1e-4 / 5,  # the parser divides "scale" by the window size
