@@ -198,6 +198,9 @@ def test_known_problems_are_warned_and_recorded(tiny_store, tmp_path, capsys):
     assert "warning: inverted dropout with the paper's fc init" in err
     recorded = json.loads((out / "config.json").read_text())["derived"]["known_problems"]
     assert len(recorded) == 1 and "docs/recipes.md" in recorded[0]
+    scaled = apply_overrides(get_profile("paper"), ["data.input_scale=0.00392156863"])
+    assert ["[0, 1]" in p for p in known_problems(scaled)] == [True]
+    assert known_problems(apply_overrides(get_profile("paper"), ["data.input_scale=0.5"])) == []
 
 
 @pytest.mark.slow

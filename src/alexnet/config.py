@@ -371,6 +371,12 @@ def known_problems(profile: Profile) -> list[str]:
             "128, lr 0.01), where the paper's dropout (model.dropout_style=classic) left it at "
             "step 40 (docs/recipes.md)"
         )
+    if m.layout == "two-tower" and profile.data.input_scale <= 1 / 255 + 1e-9 and paper_fc:
+        problems.append(
+            "inputs scaled to [0, 1] with the paper's init: with the paper's net this kept the "
+            "training loss at chance for 300+ steps on Fashion-MNIST (batch 128, lr 0.01), where "
+            "the paper's 0-255 pixels (data.input_scale=1) left it at step 40 (docs/recipes.md)"
+        )
     return problems
 
 
