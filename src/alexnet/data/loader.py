@@ -316,17 +316,6 @@ def _worker_message(e: BaseException) -> str:
     return last[len(head) :] if last.startswith(head) else last
 
 
-def _worker_message(e: BaseException) -> str:
-    """The message of the exception a DataLoader worker raised, from the text DataLoader
-    re-raises it with ("Caught X in DataLoader worker ... Original Traceback ... X: msg")."""
-    text = str(e)
-    if "Original Traceback" not in text:
-        return text
-    last = text.rstrip().splitlines()[-1]
-    head = f"{type(e).__module__}.{type(e).__qualname__}: "
-    return last[len(head) :] if last.startswith(head) else last
-
-
 def _as_is(batch):
     """The batch exactly as the worker made it (the default would turn arrays into tensors)."""
     return batch
