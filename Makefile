@@ -8,9 +8,9 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= runs/demo
 DEMO_STORE ?= data/fashion-mnist
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup cxx demo test test-fast lint format bench clean
 
-setup: $(VENV)/.installed $(FMNIST_DIR)/train-images-idx3-ubyte.gz
+setup: $(VENV)/.installed $(FMNIST_DIR)/train-images-idx3-ubyte.gz cxx
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 $(FMNIST_DIR)/train-images-idx3-ubyte.gz:
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist
+
+# A C++ compiler: alexnet builds its fused ReLU-LRN-pool CPU kernel with it on first use, and
+# torch.compile (the LRN's other kernels) needs one too. Without it both fall back to slower
+# eager code, with a warning.
+cxx:
+	@command -v $${CXX:-g++} >/dev/null || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q g++; }
 
 demo: setup
 	$(BIN)/alexnet demo --out $(DEMO_DIR) --store $(DEMO_STORE)

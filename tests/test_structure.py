@@ -16,10 +16,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "alexnet"
 # experiments/benchmarks -> commands.
 RANKS = {
     "alexnet.errors": 0,
+    "alexnet.buffers": 1,
     "alexnet.fileio": 1,
     "alexnet.config": 1,
     "alexnet.devices": 1,
-    "alexnet.lrn": 2,
+    "alexnet.lrn_pool": 2,
+    "alexnet.lrn": 3,
     "alexnet.speed": 2,
     "alexnet.optim": 2,
     "alexnet.plots": 2,

@@ -49,6 +49,8 @@ import torch._dynamo.config as dynamo_config
 import torch.nn.functional as F
 from torch import nn
 
+from alexnet import lrn_pool
+
 BACKENDS = ("auto", "compiled", "eager")
 COMPILE_MIN_NUMEL = 1 << 20  # one batch of 2 at conv1's 96x55x55 is 0.6M: tests stay eager
 # Distinct (shape, strides, dtype, constants) each get their own static-shape kernel; a static
@@ -398,12 +400,14 @@ def local_response_norm(
     k: float = 2.0,
     groups: int = 1,
     relu: bool = False,
+    pool: nn.Module | None = None,
 ) -> torch.Tensor:
     """The LRN of Sec. 3.3 over the channels of x (N, C, H, W), each of `groups` separately.
 
     relu=True normalises relu(x) (the paper's order, Sec. 3.3), with the ReLU fused into the
     LRN's own passes: one pass less over the layer's output forward and backward. x itself is
-    not modified."""
+    not modified. pool: a max-pool applied to the result (Sec. 3.4), in the same pass where
+    alexnet.lrn_pool's kernel applies (CPU), else after it."""
     if x.dim() != 4:
         raise ValueError(f"local_response_norm expects (N, C, H, W), got shape {tuple(x.shape)}")
     c = x.shape[1]
@@ -411,6 +415,10 @@ def local_response_norm(
         raise ValueError(f"{c} channels do not split into {groups} groups")
     if size < 1:
         raise ValueError(f"LRN size must be positive, got {size}")
+    if pool is not None:
+        if lrn_pool.applies(x, pool, groups):
+            return lrn_pool.lrn_max_pool(x, size, alpha, beta, k, groups, relu, pool)
+        return pool(local_response_norm(x, size, alpha, beta, k, groups, relu))
     backend = _state["backend"]
     consts = (int(size), int(groups), float(k), float(alpha), float(beta))
     if torch.compiler.is_compiling() or not (
@@ -430,11 +438,16 @@ class ResponseNorm(nn.Module):
         self.size, self.alpha, self.beta, self.k, self.groups = size, alpha, beta, k, groups
 
     def forward(
-        self, x: torch.Tensor, groups: int | None = None, relu: bool = False
+        self,
+        x: torch.Tensor,
+        groups: int | None = None,
+        relu: bool = False,
+        pool: nn.Module | None = None,
     ) -> torch.Tensor:
-        """relu=True: the LRN of relu(x), the ReLU fused in (see local_response_norm)."""
+        """relu=True: the LRN of relu(x), the ReLU fused in; pool: the max-pool after it, fused
+        where it can be (see local_response_norm)."""
         g = self.groups if groups is None else groups
-        return local_response_norm(x, self.size, self.alpha, self.beta, self.k, g, relu)
+        return local_response_norm(x, self.size, self.alpha, self.beta, self.k, g, relu, pool)
 
     def extra_repr(self) -> str:
         return (

@@ -91,6 +91,19 @@ class TowerDropout(nn.Module):
         return f"p={self.p}, style={self.style}"
 
 
+def _hooked(model: nn.Module, *names: str) -> bool:
+    """Whether a forward hook (global, or on these stages or their submodules) would run."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks
+        for name in names
+        for m in getattr(model, name).modules()
+    )
+
+
 class AlexNet(nn.Module):
     """The two-tower network of Figure 2 (and its ablations, see ModelConfig).
 
@@ -173,7 +186,15 @@ class AlexNet(nn.Module):
                 if config.activation == "relu":
                     getattr(self, order[i + 1]).relu_first = True
                     order[i] = None
-        return tuple(n for n in order if n is not None)
+        order = [n for n in order if n is not None]
+        # An LRN right before a max-pool runs with it as one pass where it can (alexnet.lrn_pool):
+        # the paper's conv1 and conv2 blocks, ReLU -> LRN -> pool.
+        self.norm_pool = {
+            name: order[i + 1]
+            for i, name in enumerate(order[:-1])
+            if name.startswith("norm") and order[i + 1].startswith("pool")
+        }
+        return tuple(order)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Sec. 5: weights from N(0, std), biases constant (values per profile)."""
@@ -202,9 +223,18 @@ class AlexNet(nn.Module):
         self.check_input(x)
         # 2012 code: 1 + ceil((224 - 11) / 4) = 55 outputs = zero-pad right/bottom by 3.
         xs = [network_input(x, self.config.conv1_pad_right_bottom)]
+        # A hook on an LRN or its pool sees each alone: then they run one by one.
+        fused = {n: p for n, p in self.norm_pool.items() if not _hooked(self, n, p)}
+        skip = None
         for name in self.stages:
-            xs = getattr(self, name)(xs)
-            if name == until:
+            if name == skip:
+                continue
+            skip = fused.get(name)
+            if skip is not None:
+                xs = getattr(self, name)(xs, pool=getattr(self, skip).fn)
+            else:
+                xs = getattr(self, name)(xs)
+            if until is not None and until in (name, skip):
                 break
         return xs
 

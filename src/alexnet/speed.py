@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alexnet.buffers import kept
 from alexnet.errors import BadInput
 
 
@@ -38,7 +39,11 @@ def network_input(x: torch.Tensor, pad: int = 0) -> torch.Tensor:
     arithmetic), and on CPUs in channels_last whatever its memory format (the same function):
     torch's NCHW max-pool is several times slower than its NHWC one on the 96 and 256 maps
     pooled there, and the LRN's kernels suit it (alexnet.lrn; BENCHMARKS.md). Both in one copy
-    of the batch, not a padded copy and then a reordered one."""
+    of the batch, not a padded copy and then a reordered one.
+
+    On CPUs under bfloat16 autocast the copy is made in bfloat16, the dtype autocast would give
+    conv1's input anyway (the same rounding of the same values): half the bytes, and one cast
+    less. The padded batch is written into a kept tensor (alexnet.buffers): no page faults."""
     cpu = x.device.type == "cpu"
     if not pad:
         return x.contiguous(memory_format=torch.channels_last) if cpu else x
@@ -49,7 +54,13 @@ def network_input(x: torch.Tensor, pad: int = 0) -> torch.Tensor:
         and x.is_contiguous(memory_format=torch.channels_last)
     )
     fmt = torch.channels_last if cpu or keep_cl else torch.contiguous_format
-    out = torch.empty((n, c, h + pad, w + pad), dtype=x.dtype, device=x.device, memory_format=fmt)
+    shape, dtype = (n, c, h + pad, w + pad), x.dtype
+    if cpu and dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    if cpu and not torch.compiler.is_compiling():
+        out = kept.empty("network_input", shape, dtype, x.device, fmt)
+    else:
+        out = torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
     out[:, :, :h, :w] = x
     out[:, :, h:, :] = 0  # the bottom rows and the right columns: the 2012 code's zero padding
     out[:, :, :h, w:] = 0

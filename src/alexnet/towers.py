@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alexnet.buffers import kept
+
 Parts = list[torch.Tensor]
 
 
@@ -145,6 +147,36 @@ class TowerConv(_TowerLayer):
         ]
 
 
+class _CastToKept(torch.autograd.Function):
+    """w.to(dtype) written into a kept tensor, and its gradient back in w's dtype into another
+    (alexnet.buffers): what autocast does to a weight, without a fresh allocation of each."""
+
+    @staticmethod
+    def forward(ctx, w, dtype, key):
+        ctx.key, ctx.dtype = key, w.dtype
+        return kept.empty(f"{key}.cast", tuple(w.shape), dtype, w.device).copy_(w)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        grad = kept.empty(f"{ctx.key}.grad", tuple(g.shape), ctx.dtype, g.device).copy_(g)
+        return grad, None, None
+
+
+def _autocast_weight(w: torch.Tensor, key: str) -> torch.Tensor:
+    """fc6's float32 weight is 151 MB: under CPU autocast its bf16 copy (forward) and its
+    float32 gradient (backward) are each a fresh block that glibc page-faults in on every step
+    (about 28 ms each at fc6; BENCHMARKS.md). The same rounding into kept tensors instead."""
+    if (
+        w.device.type != "cpu"
+        or w.dtype != torch.float32
+        or not torch.is_autocast_enabled("cpu")
+        or torch.compiler.is_compiling()
+    ):
+        return w
+    return _CastToKept.apply(w, torch.get_autocast_dtype("cpu"), key)
+
+
 class TowerLinear(_TowerLayer):
     """A fully connected layer: every unit sees all inputs (the towers communicate, Sec. 3.2)."""
 
@@ -155,11 +187,12 @@ class TowerLinear(_TowerLayer):
         super().__init__((fout, fin), devices, splits)
 
     def forward(self, xs: Parts) -> Parts:
+        key = f"linear{id(self)}"
         if not self.split:
-            return [F.linear(xs[0], self.weight, self.bias)]
+            return [F.linear(xs[0], _autocast_weight(self.weight, key), self.bias)]
         return [
-            F.linear(gather(xs, d), w, b)
-            for d, w, b in zip(self.devices, self.weights, self.biases, strict=True)
+            F.linear(gather(xs, d), _autocast_weight(w, f"{key}.{i}"), b)
+            for i, (d, w, b) in enumerate(zip(self.devices, self.weights, self.biases, strict=True))
         ]
 
 
@@ -183,14 +216,16 @@ class TowerNorm(nn.Module):
         super().__init__()
         self.norm, self.across, self.relu_first = norm, across, relu_first
 
-    def forward(self, xs: Parts) -> Parts:
+    def forward(self, xs: Parts, pool: nn.Module | None = None) -> Parts:
+        """pool: the max-pool that follows, run in the same pass where it can be (alexnet.lrn)."""
         if len(xs) == 1:
-            return [self.norm(xs[0], relu=self.relu_first)]
+            return [self.norm(xs[0], relu=self.relu_first, pool=pool)]
         if self.across:
             whole = self.norm(gather(xs, xs[0].device), relu=self.relu_first)
             parts = whole.split([x.shape[1] for x in xs], 1)
-            return [p.to(x.device) for p, x in zip(parts, xs, strict=True)]
-        return [self.norm(x, groups=1, relu=self.relu_first) for x in xs]
+            parts = [p.to(x.device) for p, x in zip(parts, xs, strict=True)]
+            return parts if pool is None else [pool(p) for p in parts]
+        return [self.norm(x, groups=1, relu=self.relu_first, pool=pool) for x in xs]
 
     def extra_repr(self) -> str:
         return f"across_towers={self.across}, relu_first={self.relu_first}"

@@ -28,13 +28,27 @@ from alexnet.speed import FastMode, autocast, network_input, prepare_input
 def _stages(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The network as (name, module) in forward order: the two-tower net's stages (each takes
     and returns a list of parts), or torchvision's modules."""
-    if isinstance(model, AlexNet):
-        return [(n, getattr(model, n)) for n in model.stages]
+    if isinstance(model, AlexNet):  # an LRN and its pool run as one stage (alexnet.lrn_pool)
+        pools = set(model.norm_pool.values())
+        return [
+            (
+                f"{n}+{model.norm_pool[n]}",
+                _with_pool(getattr(model, n), getattr(model, model.norm_pool[n])),
+            )
+            if n in model.norm_pool
+            else (n, getattr(model, n))
+            for n in model.stages
+            if n not in pools
+        ]
     seq = [(f"features.{i}", m) for i, m in enumerate(model.features)]
     seq.append(("avgpool", model.avgpool))
     seq.append(("flatten", torch.nn.Flatten()))
     seq += [(f"classifier.{i}", m) for i, m in enumerate(model.classifier)]
     return seq
+
+
+def _with_pool(norm, pool):
+    return lambda xs: norm(xs, pool=pool.fn)
 
 
 def _clone(x):
