@@ -9,6 +9,7 @@ r = alexnet.evaluate_networks(["runs/a", "runs/b"], "data/fashion-mnist")  # an 
 
 import importlib
 
+from alexnet.buffers import release_kept_tensors
 from alexnet.config import PROFILES, DataConfig, ModelConfig, Profile, TrainConfig, get_profile
 from alexnet.evaluate import evaluate_networks, load_model, predict_networks
 from alexnet.model import build_model
@@ -25,6 +26,7 @@ __all__ = [
     "get_profile",
     "load_model",
     "predict_networks",
+    "release_kept_tensors",
 ]
 
 

@@ -29,6 +29,9 @@ tests/test_lrn.py:
 - "eager": shifted-slice window sums with in-place updates, for tensors too small to be worth a
   compilation, and for machines where torch.compile is not available (no C++ compiler, ...).
 
+Where the LRN is followed by a max-pool on a CPU (the paper's conv1 and conv2 blocks), the caller
+passes the pool and alexnet.lrn_pool computes ReLU, LRN and pool in one kernel instead.
+
 `set_backend("auto" | "compiled" | "eager")` picks one; "auto" (the default) compiles for tensors
 of at least COMPILE_MIN_NUMEL elements and falls back to eager, once and with a warning, if
 compilation fails. The environment variable ALEXNET_LRN sets the initial choice. The first
