@@ -63,5 +63,6 @@ kept = KeptTensors()
 
 
 def release_kept_tensors() -> None:
-    """Free the tensors kept for reuse in this thread (a few hundred MB at batch 128)."""
+    """Free the tensors kept for reuse in this thread (557 MB after training steps of the paper's
+    net at batch 128 in bf16, 396 MB in float32: README, "Speed on a CPU")."""
     kept.clear()
