@@ -218,3 +218,29 @@ def test_without_a_compiler_the_layers_run_one_by_one(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "torch.Size([2, 8, 4, 4])" in r.stdout
     assert "no C++ compiler (no-such-compiler)" in r.stdout
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+    # Loading a truncated library would kill the process (SIGBUS): its checksum says rebuild.
+    code = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from alexnet import lrn_pool\n"
+        "x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)\n"
+        "assert lrn_pool.applies(x, nn.MaxPool2d(3, 2), 2), lrn_pool._state['error']\n"
+        "print(lrn_pool.lrn_max_pool(x, 5, 1e-3, 0.75, 2.0, 2, True, nn.MaxPool2d(3, 2)).shape)\n"
+    )
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+
+    def run():
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    (lib,) = (tmp_path / "alexnet" / "kernels").glob("*.so")
+    size = lib.stat().st_size
+    lib.write_bytes(lib.read_bytes()[:1000])
+    second = run()
+    assert second.returncode == 0, second.stderr
+    assert "torch.Size([2, 8, 4, 4])" in second.stdout
+    assert lib.stat().st_size == size

@@ -37,13 +37,28 @@ from pathlib import Path
 import torch
 
 from alexnet.buffers import kept
+from alexnet.fileio import file_sha256, write_text
 
 SOURCE = Path(__file__).with_name("csrc") / "lrn_pool.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
+
+def _from_environment() -> bool:
+    value = os.environ.get("ALEXNET_LRN_POOL", "on").strip().lower()
+    if value in ("off", "0", "no", "false"):
+        return False
+    if value not in ("on", "1", "yes", "true", ""):
+        warnings.warn(
+            f"ALEXNET_LRN_POOL={value!r} is not one of on/off (1/0, yes/no): using the fused "
+            "kernel (on)",
+            stacklevel=2,
+        )
+    return True
+
+
 _state: dict = {
-    "enabled": os.environ.get("ALEXNET_LRN_POOL", "on").lower() not in ("off", "0", "no"),
+    "enabled": _from_environment(),
     "lib": None,  # the loaded library
     "error": None,  # why it could not be built (then never tried again)
 }
@@ -81,7 +96,10 @@ def _build(compiler: str) -> Path:
     ).stdout
     key = hashlib.sha256(source + " ".join(FLAGS + [version, _cpu_id()]).encode()).hexdigest()
     out = _cache_dir() / f"lrn_pool-{key[:16]}.so"
-    if out.exists():
+    # The library's checksum beside it: a damaged file (loading it can kill the process with
+    # SIGBUS) is built again, not loaded.
+    stamp = out.with_suffix(".sha256")
+    if out.exists() and stamp.exists() and stamp.read_text().strip() == file_sha256(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name, then renamed: processes starting together never load a
@@ -94,7 +112,9 @@ def _build(compiler: str) -> Path:
         )
         if r.returncode:
             raise RuntimeError(f"{compiler} failed: {r.stderr.strip()[-2000:]}")
+        digest = file_sha256(tmp)
         os.replace(tmp, out)
+        write_text(stamp, digest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -150,8 +170,8 @@ def applies(x: torch.Tensor, pool, groups: int) -> bool:
         and x.shape[1] % groups == 0
         and x.is_contiguous(memory_format=torch.channels_last)
         and not torch.compiler.is_compiling()
-        and _pool_geometry(pool) is not None
-        and min(x.shape[2:]) >= _pool_geometry(pool)[0]
+        and (geometry := _pool_geometry(pool)) is not None
+        and min(x.shape[2:]) >= geometry[0]
         and _library() is not None
     )
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as nn_module
 
 from alexnet.config import ModelConfig, Profile, check_model_config, get_profile, replace_checked
 from alexnet.errors import BadInput
@@ -93,9 +94,7 @@ class TowerDropout(nn.Module):
 
 def _hooked(model: nn.Module, *names: str) -> bool:
     """Whether a forward hook (global, or on these stages or their submodules) would run."""
-    from torch.nn.modules import module as torch_module
-
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
     return any(
         m._forward_hooks or m._forward_pre_hooks
