@@ -16,13 +16,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "alexnet"
 # experiments/benchmarks -> commands.
 RANKS = {
     "alexnet.errors": 0,
-    "alexnet.buffers": 1,
     "alexnet.fileio": 1,
     "alexnet.config": 1,
     "alexnet.devices": 1,
     "alexnet.lrn_pool": 2,
     "alexnet.lrn": 3,
-    "alexnet.speed": 2,
     "alexnet.optim": 2,
     "alexnet.plots": 2,
     "alexnet.checkpoint": 2,
@@ -35,6 +33,8 @@ RANKS = {
     "alexnet.data.imagenet": 3,
     "alexnet.data.views": 3,
     "alexnet.model": 4,
+    "alexnet.fast": 4,
+    "alexnet.speed": 5,
     "alexnet.data.sources": 4,
     "alexnet.data.loader": 4,
     "alexnet.data.prepare": 5,

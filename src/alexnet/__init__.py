@@ -1,7 +1,8 @@
 """alexnet: Krizhevsky, Sutskever & Hinton (NIPS 2012), faithfully, on PyTorch.
 
 import alexnet
-model = alexnet.build_model("paper", num_classes=1000)
+model = alexnet.build_model("paper", num_classes=1000)  # plain modules: print, hook, export
+alexnet.fast.fuse(model)                                # the fast form (what `alexnet train` runs)
 alexnet.PROFILES  # "paper", "cuda-convnet", "caffe", "torchvision", "demo"
 net = alexnet.load_model("runs/demo")                      # trained weights, eval mode
 r = alexnet.evaluate_networks(["runs/a", "runs/b"], "data/fashion-mnist")  # an ensemble
@@ -9,7 +10,6 @@ r = alexnet.evaluate_networks(["runs/a", "runs/b"], "data/fashion-mnist")  # an 
 
 import importlib
 
-from alexnet.buffers import release_kept_tensors
 from alexnet.config import PROFILES, DataConfig, ModelConfig, Profile, TrainConfig, get_profile
 from alexnet.evaluate import evaluate_networks, load_model, predict_networks
 from alexnet.model import build_model
@@ -26,7 +26,6 @@ __all__ = [
     "get_profile",
     "load_model",
     "predict_networks",
-    "release_kept_tensors",
 ]
 
 

@@ -1,66 +1,57 @@
-"""Local response normalisation (Sec. 3.3), fast on the CPU and exact to the printed formula.
+"""Local response normalisation (Sec. 3.3), exact to the printed formula, plain and fast.
 
     b[i] = a[i] / (k + alpha * sum_{j = i - n//2}^{i + n//2} a[j]^2) ** beta
 
 with the sum clipped at the edges of each tower's maps: the paper's towers normalise their own
 maps only (the towers communicate only at conv3 and the FC layers).
 
-Why not torch.nn.LocalResponseNorm: it builds the window sum with avg_pool3d over a padded copy
-and lets autograd keep and differentiate every intermediate; here that took half of the training
-step (docs/facts.md, "Throughput references"). This module differentiates by hand,
-with the closed-form gradient
+Two forms of the one formula:
+
+- `LocalResponseNorm` (the module the network is built of) computes it with plain
+  differentiable torch ops: autograd differentiates it; torch.export, torch.compile, ONNX and
+  FakeTensorMode trace it like any layer; float64 stays float64 (bf16/fp16 inputs are summed and
+  powered in float32 and rounded once).
+- `fast_local_response_norm` (what alexnet.fast's rewrite runs) differentiates by hand with the
+  closed-form gradient
 
     d loss / d a[i] = g[i] s[i] - 2 alpha beta a[i] sum_{j in win(i)} g[j] a[j] s[j] / D[j]
 
-where D = k + alpha * window_sum(a^2) and s = D^-beta; the window is symmetric, so the same
-window sum serves forward and backward. It saves only its input: in NCHW the window sum of a^2
-is recomputed inside the backward kernels from a few cached loads; in channels_last the padded
-squares P and the padded t of the backward live in buffers the function keeps and reuses (see
-_cl_groups and _Buffers), so a step allocates only the LRN's output and its gradient. With
-relu=True it normalises relu(x) with the ReLU fused in (the paper's conv -> ReLU -> LRN): one
-pass less over the layer's output forward and one backward.
+  where D = k + alpha * window_sum(a^2) and s = D^-beta, saving only its input; autograd's
+  version of the plain form keeps and differentiates every intermediate, which took half of the
+  training step (docs/facts.md, "Throughput references"). Its "compiled" backend fuses the
+  forward, t = g*a*s/D and the gradient each into one torch.compile kernel (Inductor: a C++/OpenMP
+  loop on CPUs, a Triton kernel on GPUs); its "eager" backend uses shifted-slice window sums, for
+  tensors too small to be worth a compilation and machines where torch.compile is not
+  available. With relu=True it normalises relu(x) with the ReLU fused into the same passes.
+  Under torch.compile, torch.export, jit tracing or ONNX export it is the plain form.
 
-Two implementations of the same formula, both checked against a float64 loop of the formula in
-tests/test_lrn.py:
+Where the LRN is followed by a max-pool on a CPU (the paper's conv1 and conv2 blocks),
+alexnet.fast runs ReLU, LRN and pool as one operator instead (alexnet.lrn_pool).
 
-- "compiled": the forward, t = g*a*s/D and the gradient each fused by torch.compile (Inductor:
-  one C++/OpenMP loop on CPUs, one Triton kernel on GPUs) into a single pass that reads a few
-  tensors and writes one (several times faster than the eager form: BENCHMARKS.md).
-- "eager": shifted-slice window sums with in-place updates, for tensors too small to be worth a
-  compilation, and for machines where torch.compile is not available (no C++ compiler, ...).
+`set_backend("auto" | "compiled" | "eager")` picks the fast form's backend; "auto" (the default)
+compiles for tensors of at least COMPILE_MIN_NUMEL elements and falls back to eager, once and with
+a warning, if compilation fails. The environment variable ALEXNET_LRN sets the initial choice.
 
-Where the LRN is followed by a max-pool on a CPU (the paper's conv1 and conv2 blocks), the caller
-passes the pool and alexnet.lrn_pool computes ReLU, LRN and pool in one kernel instead.
-
-`set_backend("auto" | "compiled" | "eager")` picks one; "auto" (the default) compiles for tensors
-of at least COMPILE_MIN_NUMEL elements and falls back to eager, once and with a warning, if
-compilation fails. The environment variable ALEXNET_LRN sets the initial choice. The first
-batch of a new shape compiles its kernels (seconds; cached on disk by torch afterwards).
-
-Why one file of this length: the formula, its compiled kernels for both memory formats,
-their scratch buffers and the autograd function are one mechanism; no part stands alone.
+Why one file of this length: the formula, its compiled kernels for both memory formats and
+the autograd function are one mechanism; no part stands alone.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 
 import torch
-import torch._dynamo.config as dynamo_config
 import torch.nn.functional as F
 from torch import nn
-
-from alexnet import lrn_pool
 
 BACKENDS = ("auto", "compiled", "eager")
 COMPILE_MIN_NUMEL = 1 << 20  # one batch of 2 at conv1's 96x55x55 is 0.6M: tests stay eager
 # Distinct (shape, strides, dtype, constants) each get their own static-shape kernel; a static
 # kernel is several times faster here than a dynamic-shape one. A training run needs a few (2
-# layers x train/eval batch sizes), `alexnet bench model` 24 (3 profiles x 2 layers x 2 dtypes x
-# 2 layouts). torch._dynamo's per-function recompile limit is raised to this; past it, eager.
-MAX_COMPILED_KEYS = 32
+# layers x train/eval batch sizes). torch.compile keeps 8 per function by default (its
+# recompile limit, left as it is): past that many, this module runs the eager backend.
+MAX_COMPILED_KEYS = 8
 
 _state = {"backend": os.environ.get("ALEXNET_LRN", "auto"), "failed": False}
 _compiled: dict[str, object] = {}
@@ -143,9 +134,8 @@ def _bwd_g(g, x, t, size: int, groups: int, k: float, alpha: float, beta: float,
 
 # channels_last: the maps of one pixel are contiguous, so the window runs along the innermost
 # dimension, where the zero padding of _window_sum costs Inductor a per-lane mask on every
-# shifted load (several times slower than the padded buffers: BENCHMARKS.md). Instead the padded
-# squares P and the padded t of the backward are written once each into kept buffers
-# (_Buffers), and the window sums read them with plain shifted loads.
+# shifted load (several times slower: BENCHMARKS.md). Instead the squares (and t in the
+# backward) are padded once, and the window sums read them with plain shifted loads.
 def _cl_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).unflatten(3, (groups, -1))  # (N, H, W, G, C/G), a view
 
@@ -158,18 +148,13 @@ def _cl_pad(t, size: int):
     return F.pad(t, (size // 2, size // 2))
 
 
-def _cl_padded_squares(x, size: int, groups: int, relu: bool):
+def _cl_squares(x, size: int, groups: int, relu: bool):
+    """P, the padded squares (float32 for bf16/fp16 inputs)."""
     a = _input(_cl_groups(x, groups), relu)
     return _cl_pad(a * a, size)
 
 
-def _cl_squares_into(p, x, size: int, groups: int, relu: bool):
-    """P (the padded squares) written into the kept buffer p (no fresh allocation)."""
-    return p.copy_(_cl_padded_squares(x, size, groups, relu))
-
-
 def _cl_window(p: torch.Tensor, size: int, c: int) -> torch.Tensor:
-    p = _acc(p)  # a buffer kept in bf16 is summed in float32
     out = p[..., 0:c]
     for o in range(1, 2 * (size // 2) + 1):
         out = out + p[..., o : o + c]
@@ -183,14 +168,10 @@ def _cl_fwd(x, p, size: int, groups: int, k: float, alpha: float, beta: float, r
 
 
 def _cl_bwd_t(g, x, p, size: int, groups: int, k: float, alpha: float, beta: float, relu: bool):
+    """t = g * a * D^-(beta+1), padded like P."""
     a = _input(_cl_groups(x, groups), relu)
     d = k + alpha * _cl_window(p, size, a.shape[-1])
-    return _acc(_cl_groups(g, groups)) * a * _inv_pow(d, beta) / d
-
-
-def _cl_bwd_t_into(tview, g, x, p, size: int, groups: int, k, alpha, beta, relu: bool):
-    """t written straight into the interior of the kept padded buffer (its margins stay 0)."""
-    return tview.copy_(_cl_bwd_t(g, x, p, size, groups, k, alpha, beta, relu))
+    return _cl_pad(_acc(_cl_groups(g, groups)) * a * _inv_pow(d, beta) / d, size)
 
 
 def _cl_bwd_g(g, x, p, tp, size: int, groups: int, k: float, alpha: float, beta: float, relu: bool):
@@ -209,9 +190,9 @@ _PLAIN = {
     "fwd": _fwd,
     "bwd_t": _bwd_t,
     "bwd_g": _bwd_g,
-    "cl_sq": _cl_squares_into,
+    "cl_sq": _cl_squares,
     "cl_fwd": _cl_fwd,
-    "cl_bwd_t": _cl_bwd_t_into,
+    "cl_bwd_t": _cl_bwd_t,
     "cl_bwd_g": _cl_bwd_g,
 }
 _keys: dict[str, set] = {name: set() for name in _PLAIN}
@@ -228,13 +209,11 @@ def _call(name: str, x: torch.Tensor, args: tuple, consts: tuple) -> torch.Tenso
     use = backend == "compiled" or (
         backend == "auto" and not _state["failed"] and x.numel() >= COMPILE_MIN_NUMEL
     )
-    if use and not torch.compiler.is_compiling():
+    if use:
         keys = _keys[name]
         key = _key(x, consts)
         if key in keys or len(keys) < MAX_COMPILED_KEYS:
             if name not in _compiled:
-                limit = max(dynamo_config.recompile_limit, MAX_COMPILED_KEYS)
-                dynamo_config.recompile_limit = limit
                 _compiled[name] = torch.compile(fn, dynamic=False)
             try:
                 out = _compiled[name](*args, *consts)
@@ -251,73 +230,14 @@ def _call(name: str, x: torch.Tensor, args: tuple, consts: tuple) -> torch.Tenso
     return fn(*args, *consts)
 
 
-class _Buffers(threading.local):
-    """The channels_last path's scratch tensors, kept and reused: P and the padded t are
-    internal to one forward or one backward call (never returned, never saved for later), so
-    the next call may overwrite them. A fresh tensor of that size costs a page fault per 4 KiB
-    on every step (glibc returns large blocks to the kernel on free): reusing them halved the
-    two LRN layers' time in a plain training loop (BENCHMARKS.md). One set per thread, the few
-    most recent shapes only."""
-
-    def __init__(self, keep: int = 6):
-        self.keep = keep
-        self.tensors: dict[tuple, torch.Tensor] = {}
-        self.tags: dict[tuple, tuple] = {}  # what a buffer holds now (see _p_tag)
-        self.count = 0
-
-    @staticmethod
-    def _key(name: str, shape: tuple, like: torch.Tensor) -> tuple:
-        # In `like`'s dtype for bf16/fp16 inputs (half the bytes; the window sums are still
-        # done in float32, _cl_window), else float32.
-        dtype = like.dtype if like.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        return (name, shape, like.device, dtype)
-
-    def get(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-        """The buffer `name` of this shape for inputs like `like`."""
-        key = self._key(name, shape, like)
-        t = self.tensors.pop(key, None)
-        if t is None:  # zero-filled once: the margins of the padded t are never written
-            t = torch.zeros(shape, dtype=key[3], device=like.device)
-            while len(self.tensors) >= self.keep:
-                gone = next(iter(self.tensors))
-                self.tensors.pop(gone)
-                self.tags.pop(gone, None)
-        self.tensors[key] = t  # the most recent last
-        return t
-
-    def stamp(self, name: str, shape: tuple, x: torch.Tensor) -> tuple:
-        """Record that buffer `name` now holds what was computed from x; returns the stamp."""
-        self.count += 1
-        version = -1 if x.is_inference() else x._version  # inference tensors keep no version
-        tag = (self.count, x.data_ptr(), version)
-        self.tags[self._key(name, shape, x)] = tag
-        return tag
-
-    def holds(self, name: str, shape: tuple, x: torch.Tensor, tag: tuple | None) -> bool:
-        """The buffer still holds what the stamp `tag` recorded (nothing has overwritten it)."""
-        return tag is not None and self.tags.get(self._key(name, shape, x)) == tag
-
-
-_buffers = _Buffers()
-
-
-def _padded_shape(x: torch.Tensor, size: int, groups: int) -> tuple:
-    n, c, h, w = x.shape
-    return (n, h, w, groups, c // groups + 2 * (size // 2))
-
-
 class _LRNCompiledFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size, groups, k, alpha, beta, relu):
         ctx.cl = _memory_format(x) == torch.channels_last
         c = ctx.consts = (size, groups, float(k), float(alpha), float(beta), bool(relu))
-        ctx.save_for_backward(x)  # only x: D (NCHW) or P (channels_last) can be recomputed
-        ctx.p_tag = None
+        ctx.save_for_backward(x)  # only x: D (NCHW) or P (channels_last) is recomputed
         if ctx.cl:
-            shape = _padded_shape(x, size, groups)
-            p = _buffers.get("p", shape, x)
-            _call("cl_sq", x, (p, x), (size, groups, c[-1]))
-            ctx.p_tag = _buffers.stamp("p", shape, x)
+            p = _call("cl_sq", x, (x,), (size, groups, c[-1]))
             return _call("cl_fwd", x, (x, p), c)
         return _call("fwd", x, (x,), c)
 
@@ -325,22 +245,13 @@ class _LRNCompiledFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         c = ctx.consts
+        (x,) = ctx.saved_tensors
         if ctx.cl:
-            (x,) = ctx.saved_tensors
-            size, groups, half = c[0], c[1], c[0] // 2
             g = g.contiguous(memory_format=torch.channels_last)
-            # P as the forward left it, unless another call of this shape has overwritten it
-            # since (a second forward before this backward, the other tower): then again.
-            shape = _padded_shape(x, size, groups)
-            p = _buffers.get("p", shape, x)
-            if not _buffers.holds("p", shape, x, ctx.p_tag):
-                _call("cl_sq", x, (p, x), (size, groups, c[-1]))
-                _buffers.stamp("p", shape, x)
-            tp = _buffers.get("tp", shape, x)
-            _call("cl_bwd_t", x, (tp[..., half : tp.shape[-1] - half], g, x, p), c)
+            p = _call("cl_sq", x, (x,), (c[0], c[1], c[-1]))
+            tp = _call("cl_bwd_t", x, (g, x, p), c)
             grad = _call("cl_bwd_g", x, (g, x, p, tp), c)
         else:
-            (x,) = ctx.saved_tensors
             g = g.contiguous()
             t = _call("bwd_t", x, (g, x), c)
             grad = _call("bwd_g", x, (g, x, t), c)
@@ -369,20 +280,23 @@ def _inv_pow_(d: torch.Tensor, beta: float) -> torch.Tensor:
 class _LRNEagerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size, groups, k, alpha, beta):
-        d = _window_sum_eager(x * x, size, groups).mul_(alpha).add_(k)  # D
+        a = _acc(x)  # bf16/fp16: in float32, as the compiled and fused forms (one rounding)
+        d = _window_sum_eager(a * a, size, groups).mul_(alpha).add_(k)  # D
         s = _inv_pow_(d.clone(), beta)  # s = D^-beta
         ctx.save_for_backward(x, d, s)
         ctx.consts = (size, groups, alpha, beta)
-        return x * s
+        return (a * s).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, d, s = ctx.saved_tensors
         size, groups, alpha, beta = ctx.consts
-        t = (g * x).mul_(s).div_(d)  # g * a * s / D
+        a, g32 = _acc(x), _acc(g)
+        t = (g32 * a).mul_(s).div_(d)  # g * a * s / D
         win = _window_sum_eager(t, size, groups)
-        return win.mul_(x).mul_(-2.0 * alpha * beta).addcmul_(g, s), None, None, None, None, None
+        grad = win.mul_(a).mul_(-2.0 * alpha * beta).addcmul_(g32, s).to(x.dtype)
+        return grad, None, None, None, None, None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -395,6 +309,15 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _check(x: torch.Tensor, size: int, groups: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"local_response_norm expects (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] % groups:
+        raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
+    if size < 1:
+        raise ValueError(f"LRN size must be positive, got {size}")
+
+
 def local_response_norm(
     x: torch.Tensor,
     size: int = 5,
@@ -403,54 +326,58 @@ def local_response_norm(
     k: float = 2.0,
     groups: int = 1,
     relu: bool = False,
-    pool: nn.Module | None = None,
 ) -> torch.Tensor:
-    """The LRN of Sec. 3.3 over the channels of x (N, C, H, W), each of `groups` separately.
+    """The LRN of Sec. 3.3 over the channels of x (N, C, H, W), each of `groups` separately, in
+    plain differentiable torch ops (of relu(x) with relu=True, Sec. 3.3: "applied after the
+    ReLU"). float64 is computed in float64; bf16/fp16 in float32, rounded once."""
+    _check(x, size, groups)
+    return _fwd(x, int(size), int(groups), float(k), float(alpha), float(beta), bool(relu))
 
-    relu=True normalises relu(x) (the paper's order, Sec. 3.3), with the ReLU fused into the
-    LRN's own passes: one pass less over the layer's output forward and backward. x itself is
-    not modified. pool: a max-pool applied to the result (Sec. 3.4), in the same pass where
-    alexnet.lrn_pool's kernel applies (CPU), else after it."""
-    if x.dim() != 4:
-        raise ValueError(f"local_response_norm expects (N, C, H, W), got shape {tuple(x.shape)}")
-    c = x.shape[1]
-    if c % groups:
-        raise ValueError(f"{c} channels do not split into {groups} groups")
-    if size < 1:
-        raise ValueError(f"LRN size must be positive, got {size}")
-    if pool is not None:
-        if lrn_pool.applies(x, pool, groups):
-            return lrn_pool.lrn_max_pool(x, size, alpha, beta, k, groups, relu, pool)
-        return pool(local_response_norm(x, size, alpha, beta, k, groups, relu))
+
+def tracing() -> bool:
+    """Inside torch.compile, torch.export, jit tracing or an ONNX export: hand-written autograd
+    and its kernels give way to the plain ops, which these trace and fuse themselves."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def fast_local_response_norm(
+    x: torch.Tensor,
+    size: int = 5,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 2.0,
+    groups: int = 1,
+    relu: bool = False,
+) -> torch.Tensor:
+    """local_response_norm's function with the closed-form backward and fused kernels (see the
+    module docstring); the plain ops while tracing. x itself is not modified."""
+    _check(x, size, groups)
+    if tracing():
+        return local_response_norm(x, size, alpha, beta, k, groups, relu)
     backend = _state["backend"]
     consts = (int(size), int(groups), float(k), float(alpha), float(beta))
-    if torch.compiler.is_compiling() or not (
-        backend == "eager"
-        or (backend == "auto" and (_state["failed"] or x.numel() < COMPILE_MIN_NUMEL))
+    if backend == "compiled" or (
+        backend == "auto" and not _state["failed"] and x.numel() >= COMPILE_MIN_NUMEL
     ):
-        # Inside a whole-model torch.compile this traces the plain formula for Inductor to fuse.
         return _LRNCompiledFunction.apply(x, *consts, bool(relu))
     return _LRNEagerFunction.apply(torch.relu(x) if relu else x, *consts)
 
 
-class ResponseNorm(nn.Module):
-    """Cross-map LRN (Sec. 3.3) taking a whole layer's maps; each tower (group) on its own."""
+class LocalResponseNorm(nn.Module):
+    """Cross-map LRN (Sec. 3.3) over a whole layer's maps, each tower (group) on its own; the
+    plain form (alexnet.fast swaps in the fast one)."""
 
     def __init__(self, size=5, alpha=1e-4, beta=0.75, k=2.0, groups=1):
         super().__init__()
         self.size, self.alpha, self.beta, self.k, self.groups = size, alpha, beta, k, groups
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        groups: int | None = None,
-        relu: bool = False,
-        pool: nn.Module | None = None,
-    ) -> torch.Tensor:
-        """relu=True: the LRN of relu(x), the ReLU fused in; pool: the max-pool after it, fused
-        where it can be (see local_response_norm)."""
-        g = self.groups if groups is None else groups
-        return local_response_norm(x, self.size, self.alpha, self.beta, self.k, g, relu, pool)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return local_response_norm(x, self.size, self.alpha, self.beta, self.k, self.groups)
 
     def extra_repr(self) -> str:
         return (

@@ -4,9 +4,17 @@
 
 Two-tower layouts (profiles paper, cuda-convnet, caffe) have layers named after the paper,
 conv1..conv5, fc6..fc8, norm1/norm2, and one state_dict tensor per layer whatever the devices
-(conv2.weight is the grouped 256x48x5x5). One device runs both towers as grouped convolutions;
-two devices (`devices=[d0, d1]`) run tower A on d0 and tower B on d1, the paper's two GPUs
-(alexnet.towers). Both forms compute the same function.
+(conv2.weight is the grouped 256x48x5x5). On one device (`AlexNet`) the network is a sequence of
+plain modules, tensors in and out, in the order they run: print it to see what runs, hook any
+layer, replace one (`model.fc8 = nn.Linear(4096, 3)`), export or compile it like any PyTorch
+model; the towers are grouped convolutions. On two devices (`devices=[d0, d1]`,
+`TwoDeviceAlexNet`) tower A runs on d0 and tower B on d1, the paper's two GPUs (alexnet.towers).
+Both forms compute the same function.
+
+build_model returns the plain network. `alexnet.fast.fuse(model)` rewrites it into the fast one
+(ReLU -> LRN -> pool as one operator), visibly and reversibly; `alexnet train`, the benchmarks
+and the demo do. Why plain by default: it is what every PyTorch tool expects and is exact in
+every dtype; the fused operator covers float32 and bfloat16 on CPUs only (docs/architecture.md).
 
 The `torchvision` layout is torchvision.models.alexnet with its exact state_dict keys.
 
@@ -16,18 +24,16 @@ Both layouts answer the same questions: `feature_vector(x, "fc7")` (Sec. 6.1's 4
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as nn_module
 
 from alexnet.config import ModelConfig, Profile, check_model_config, get_profile, replace_checked
 from alexnet.errors import BadInput
-from alexnet.lrn import ResponseNorm, SpatialResponseNorm
-from alexnet.speed import network_input
+from alexnet.lrn import LocalResponseNorm, SpatialResponseNorm
 from alexnet.towers import Each, Parts, TowerConv, TowerLinear, TowerNorm, gather
 
 # Kernels per layer and tower connectivity of Figure 2; "cross" layers see both towers' maps.
@@ -40,166 +46,162 @@ CONV_SPEC = (
     ("conv5", 256, 3, 1, 1, False),
 )
 FC_WIDTH = 4096  # Sec. 3.5: 4096 neurons in each fully connected layer
+META = torch.device("meta")
 
 
-class Act(nn.Module):
-    """The non-linearity, in place (as torchvision's nn.ReLU(inplace=True)): every activation
-    here follows a conv, linear or pool whose backward does not need its output, so overwriting
-    it saves a full-size allocation and pass per layer."""
-
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind  # Sec. 3.1: "relu"; "tanh" for Figure 1's comparison
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu_(x) if self.kind == "relu" else torch.tanh_(x)
-
-    def extra_repr(self) -> str:
-        return self.kind
+def activation(kind: str) -> nn.Module:
+    """Sec. 3.1: ReLU (in place, as torchvision's: every one follows a conv, linear or pool whose
+    backward does not need its output); tanh for Figure 1's comparison."""
+    return nn.ReLU(inplace=True) if kind == "relu" else nn.Tanh()
 
 
-class TowerDropout(nn.Module):
-    """Dropout of Sec. 4.2 over a layer's parts, with one mask for the whole layer, drawn on the
-    first device, so that the one- and the two-device forms consume the random stream alike.
+def dropout_mask(total: int, width: int, rows: tuple[int, int], p: float, device) -> torch.Tensor:
+    """The units kept, one mask for the whole layer: (rows) of a (total, width) draw."""
+    first, n = rows
+    return torch.rand(total, width, device=device)[first : first + n] >= p
+
+
+class Dropout(nn.Module):
+    """Dropout of Sec. 4.2 on fc6's and fc7's outputs.
+
+    classic (the paper, the 2012 code): survivors kept as they are, outputs x (1 - p) at test
+    ("at test time, we use all the neurons but multiply their outputs by 0.5"); inverted (Caffe,
+    torchvision): survivors x 1 / (1 - p), the identity at test.
 
     `rows` = (first row, global batch), set by the trainer under data parallelism: every rank
     draws the global batch's mask and keeps its own rows, so N ranks drop exactly the units one
-    process with the whole batch would."""
+    process with the whole batch would (and the two-device form draws the same mask)."""
 
     def __init__(self, p: float, style: str):
         super().__init__()
         self.p, self.style = p, style
         self.rows: tuple[int, int] | None = None
 
-    def forward(self, xs: Parts) -> Parts:
-        p, classic = self.p, self.style == "classic"
-        if p == 0:
-            return xs
+    def scale(self) -> float:
+        return 1.0 if self.style == "classic" else 1.0 / (1.0 - self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0:
+            return x
         if not self.training:
-            # Sec. 4.2: "at test time, we use all the neurons but multiply their outputs by 0.5"
-            # (classic); inverted dropout's test-time layer is the identity.
-            return [x * (1.0 - p) for x in xs] if classic else xs
-        width, rows = sum(x.shape[1] for x in xs), xs[0].shape[0]
-        first, total = self.rows or (0, rows)
-        keep = torch.rand(total, width, device=xs[0].device)[first : first + rows] >= p
-        masks = keep.split([x.shape[1] for x in xs], 1)
-        # Sec. 4.2 and the 2012 code: the survivors are not rescaled (classic); inverted dropout
-        # (Caffe, torchvision) scales them by 1 / (1 - p).
-        scale = 1.0 if classic else 1.0 / (1.0 - p)
-        return [x * m.to(x.device, x.dtype) * scale for x, m in zip(xs, masks, strict=True)]
+            return x * (1.0 - self.p) if self.style == "classic" else x
+        total = self.rows[1] if self.rows else x.shape[0]
+        rows = (self.rows[0] if self.rows else 0, x.shape[0])
+        keep = dropout_mask(total, x.shape[1], rows, self.p, x.device)
+        return x * keep.to(x.dtype) * self.scale()
 
     def extra_repr(self) -> str:
         return f"p={self.p}, style={self.style}"
 
 
-def _hooked(model: nn.Module, *names: str) -> bool:
-    """Whether a forward hook (global, or on these stages or their submodules) would run."""
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks
-        for name in names
-        for m in getattr(model, name).modules()
-    )
+def _two_tower_stages(config: ModelConfig, num_classes: int) -> OrderedDict:
+    """The one-device network's stages in the order they run (Sec. 3, Figure 2), the weighted
+    layers on the meta device (no memory, no random draws: _init_two_tower draws them).
+
+    Sec. 3.3-3.5 ("paper"): conv -> ReLU -> LRN -> pool; layers-145 ("cuda-convnet"): conv1 ->
+    LRN -> pool -> ReLU, conv2 -> ReLU -> LRN -> spatial norm -> pool, conv5 -> pool -> ReLU."""
+    towers, act = config.towers, config.activation
+    stages: OrderedDict[str, nn.Module] = OrderedDict()
+    pad = config.conv1_pad_right_bottom
+    if pad:  # 2012 code: 1 + ceil((224 - 11) / 4) = 55 outputs = zero-pad right/bottom by 3
+        stages["pad1"] = nn.ZeroPad2d((0, pad, 0, pad))
+    # Sec. 3.2 comparison net (towers=1): half the kernels in conv1-conv4; conv5 and the FC
+    # layers keep their width (the paper's footnote: most parameters are in fc6). Sec. 7:
+    # a removed middle layer's successor takes over its connectivity (conv3 crosses).
+    convs = [c for c in CONV_SPEC if c[0] != f"conv{config.drop_conv}"]
+    z = 3 if config.pool == "overlap" else 2  # Sec. 3.4: overlapping max-pool z=3, s=2
+    groups = 1 if config.lrn_across_towers else towers  # Sec. 3.3: each tower its own maps
+    paper = config.order == "paper"
+
+    def lrn():
+        return LocalResponseNorm(config.lrn_size, config.lrn_alpha, config.lrn_beta,
+                                 config.lrn_k, groups)  # fmt: skip
+
+    cin = 3
+    for name, cout, k, s, p, cross in convs:
+        i = name[-1]
+        cout = cout // 2 if towers == 1 and name != "conv5" else cout
+        cross = cross or towers == 1 or (config.drop_conv == 3 and name == "conv4")
+        stages[name] = nn.Conv2d(cin, cout, k, s, p, groups=1 if cross else towers, device=META)
+        cin = cout
+        tail = [f"act{i}"]
+        if name == "conv1" and config.lrn:
+            tail = [f"act{i}", "norm1", "pool1"] if paper else ["norm1", "pool1", f"act{i}"]
+        elif name == "conv1":
+            tail = [f"act{i}", "pool1"]
+        elif name == "conv2":
+            tail = [f"act{i}"] + (["norm2"] if config.lrn else [])
+            tail += (["snorm2"] if config.spatial_norm else []) + ["pool2"]
+        if name == convs[-1][0]:  # the last conv layer is followed by the last pool
+            tail = [*tail, "pool5"] if paper else ["pool5", *tail]
+        for stage in tail:
+            if stage.startswith("act"):
+                stages[stage] = activation(act)
+            elif stage.startswith("norm"):
+                stages[stage] = lrn()
+            elif stage.startswith("pool"):
+                stages[stage] = nn.MaxPool2d(z, 2)
+            else:  # layers-145's "rnorm" after conv2's LRN (constant 1, not k)
+                stages[stage] = SpatialResponseNorm(
+                    config.spatial_norm_size, config.spatial_norm_alpha,
+                    config.spatial_norm_beta, k=config.spatial_norm_k,
+                )  # fmt: skip
+    if config.conv6:  # Sec. 6's "1 CNN*": each tower's 6x6 pooled maps, shape kept
+        stages["conv6"] = nn.Conv2d(
+            cin, cin, 3, 1, 1, groups=1 if towers == 1 else towers, device=META
+        )
+        stages["act_conv6"] = activation(act)
+    stages["flatten"] = nn.Flatten()  # per-tower channel order = the whole layer's order
+    for name, fin, fout in (("fc6", cin * 6 * 6, FC_WIDTH), ("fc7", FC_WIDTH, FC_WIDTH)):
+        stages[name] = nn.Linear(fin, fout, device=META)
+        stages[f"act{name[2]}"] = activation(act)
+        stages[f"drop{name[2]}"] = Dropout(config.dropout, config.dropout_style)  # Sec. 4.2
+    stages["fc8"] = nn.Linear(FC_WIDTH, num_classes, device=META)
+    return stages
 
 
-class AlexNet(nn.Module):
-    """The two-tower network of Figure 2 (and its ablations, see ModelConfig).
+def _check_two_tower_input(config: ModelConfig, x) -> None:
+    if isinstance(x, torch.fx.Proxy):  # symbolic tracing (feature extraction): no shape yet
+        return
+    s = config.input_size
+    expected = f"(N, 3, {s}, {s})"
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected a 4-D input of shape {expected}, got {shape}")
+    if x.shape[1] != 3 or tuple(x.shape[2:]) != (s, s):
+        raise ValueError(f"expected input of shape {expected}, got {tuple(x.shape)}")
 
-    The network is a sequence of stages, each a module from parts to parts (alexnet.towers);
-    `stages` lists their names in the order of the forward pass."""
+
+def _init_two_tower(model: nn.Module, config: ModelConfig, generator=None) -> None:
+    """Sec. 5: weights from N(0, std), biases constant (values per profile). Each tensor is
+    drawn whole on the CPU, in the order the layers run, so that both forms get identical
+    weights."""
+    with torch.no_grad():
+        for name, layer in model.named_children():
+            if name not in config.init_std:
+                continue
+            std, bias = config.init_std[name], config.init_bias[name]
+            if isinstance(layer, (TowerConv, TowerLinear)):
+                layer.init_(std, bias, generator)
+            else:
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
+                layer.bias.fill_(float(bias))
+
+
+class AlexNet(nn.Sequential):
+    """The two-tower network of Figure 2 (and its ablations, see ModelConfig) on one device:
+    its stages, in the order they run, as plain modules (see _two_tower_stages)."""
 
     output_layer = "fc8"  # the classifier: re-initialised when fine-tuning on other classes
 
-    def __init__(self, config: ModelConfig, num_classes: int = 1000, devices=("cpu",)):
-        super().__init__()
+    def __init__(self, config: ModelConfig, num_classes: int = 1000):
+        super().__init__(_two_tower_stages(config, num_classes))
         self.config, self.num_classes = config, num_classes
-        self.devices = [torch.device(d) for d in devices]
-        towers = config.towers
-        if len(self.devices) not in (1, towers):
-            raise BadInput(
-                f"devices={list(devices)}: a {towers}-tower net runs on 1 or {towers} devices"
-            )
-        # Sec. 3.2 comparison net (towers=1): half the kernels in conv1-conv4; conv5 and the FC
-        # layers keep their width (the paper's footnote: most parameters are in fc6). Sec. 7:
-        # a removed middle layer's successor takes over its connectivity (conv3 crosses).
-        convs = [c for c in CONV_SPEC if c[0] != f"conv{config.drop_conv}"]
-        cin = 3
-        for name, cout, k, s, p, cross in convs:
-            cout = cout // 2 if towers == 1 and name != "conv5" else cout
-            cross = cross or towers == 1 or (config.drop_conv == 3 and name == "conv4")
-            setattr(self, name, TowerConv(cin, cout, k, s, p, cross, towers, self.devices))
-            cin = cout
-        if config.conv6:  # Sec. 6's "1 CNN*": each tower's 6x6 pooled maps, shape kept
-            self.conv6 = TowerConv(cin, cin, 3, 1, 1, towers == 1, towers, self.devices)
-            self.act_conv6 = Each(Act(config.activation))
-        z = 3 if config.pool == "overlap" else 2  # Sec. 3.4: overlapping max-pool z=3, s=2
-        for name in ("pool1", "pool2", "pool5"):
-            setattr(self, name, Each(nn.MaxPool2d(z, 2)))
-        for i in (1, 2, 3, 4, 5, 6, 7):
-            setattr(self, f"act{i}", Each(Act(config.activation)))
-        if config.lrn:  # Sec. 3.3: each tower normalises its own maps (Caffe: across both)
-            groups = 1 if config.lrn_across_towers else towers
-            for name in ("norm1", "norm2"):
-                lrn = ResponseNorm(config.lrn_size, config.lrn_alpha, config.lrn_beta,
-                                   config.lrn_k, groups)  # fmt: skip
-                setattr(self, name, TowerNorm(lrn, config.lrn_across_towers))
-        if config.spatial_norm:  # layers-145's "rnorm" after conv2's LRN (constant 1, not k)
-            self.snorm2 = Each(
-                SpatialResponseNorm(config.spatial_norm_size, config.spatial_norm_alpha,
-                                    config.spatial_norm_beta, k=config.spatial_norm_k)
-            )  # fmt: skip
-        self.flatten = Each(nn.Flatten())  # per-tower channel order = the whole layer's order
-        self.fc6 = TowerLinear(cin * 6 * 6, FC_WIDTH, self.devices)
-        self.fc7 = TowerLinear(FC_WIDTH, FC_WIDTH, self.devices)
-        self.fc8 = TowerLinear(FC_WIDTH, num_classes, self.devices)
-        self.drop6 = TowerDropout(config.dropout, config.dropout_style)  # Sec. 4.2: fc6, fc7
-        self.drop7 = TowerDropout(config.dropout, config.dropout_style)
-        self.stages = self._order(config, [c[0] for c in convs])
+        self.to_empty(device="cpu")
         self.reset_parameters()
 
-    def _order(self, config: ModelConfig, convs: list[str]) -> tuple[str, ...]:
-        """The stages of the forward pass. Sec. 3.3-3.5 ("paper"): conv -> ReLU -> LRN -> pool;
-        layers-145 ("cuda-convnet"): conv1 -> LRN -> pool -> ReLU, conv2 -> ReLU -> LRN ->
-        spatial norm -> pool, conv5 -> pool -> ReLU."""
-        paper = config.order == "paper"
-        blocks = {
-            "conv1": ["act1", "norm1", "pool1"] if paper else ["norm1", "pool1", "act1"],
-            "conv2": ["act2", "norm2", "snorm2", "pool2"],
-            "conv3": ["act3"],
-            "conv4": ["act4"],
-            "conv5": ["act5"],
-        }
-        order = []
-        for name in convs:
-            tail = blocks[name]
-            if name == convs[-1]:  # the last conv layer is followed by the last pool
-                tail = tail + ["pool5"] if paper else ["pool5", *tail]
-            order += [name, *tail]
-        order += ["conv6", "act_conv6", "flatten", "fc6", "act6", "drop6", "fc7", "act7", "drop7"]
-        order += ["fc8"]
-        order = [n for n in order if hasattr(self, n)]  # no LRN, no spatial norm: not there
-        # A ReLU right before an LRN is fused into the LRN's passes (alexnet.lrn): same function.
-        for i, name in enumerate(order[:-1]):
-            if name.startswith("act") and order[i + 1].startswith("norm"):
-                if config.activation == "relu":
-                    getattr(self, order[i + 1]).relu_first = True
-                    order[i] = None
-        order = [n for n in order if n is not None]
-        # An LRN right before a max-pool runs with it as one pass where it can (alexnet.lrn_pool):
-        # the paper's conv1 and conv2 blocks, ReLU -> LRN -> pool.
-        self.norm_pool = {
-            name: order[i + 1]
-            for i, name in enumerate(order[:-1])
-            if name.startswith("norm") and order[i + 1].startswith("pool")
-        }
-        return tuple(order)
-
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Sec. 5: weights from N(0, std), biases constant (values per profile)."""
-        for name, layer in self.named_children():
-            if isinstance(layer, (TowerConv, TowerLinear)):
-                layer.init_(self.config.init_std[name], self.config.init_bias[name], generator)
+        _init_two_tower(self, self.config, generator)
 
     @property
     def dropout_rows(self) -> tuple[int, int] | None:
@@ -207,33 +209,87 @@ class AlexNet(nn.Module):
 
     @dropout_rows.setter
     def dropout_rows(self, rows: tuple[int, int] | None) -> None:
-        self.drop6.rows = self.drop7.rows = rows  # see TowerDropout
+        self.drop6.rows = self.drop7.rows = rows  # see Dropout
 
     def check_input(self, x: torch.Tensor) -> None:
-        s = self.config.input_size
-        expected = f"(N, 3, {s}, {s})"
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected a 4-D input of shape {expected}, got {shape}")
-        if x.shape[1] != 3 or tuple(x.shape[2:]) != (s, s):
-            raise ValueError(f"expected input of shape {expected}, got {tuple(x.shape)}")
+        _check_two_tower_input(self.config, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return super().forward(x)
+
+    def feature_vector(self, x: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
+        """fc6's or fc7's output after its ReLU, before dropout (Sec. 6.1: retrieval by the
+        4096-d activity of the last hidden layer, fc7)."""
+        if layer not in ("fc6", "fc7"):
+            raise ValueError(f"feature_vector: layer must be fc6 or fc7, got {layer!r}")
+        self.check_input(x)
+        for name, stage in self.named_children():
+            x = stage(x)
+            if name == f"act{layer[2]}":
+                return x
+        raise AssertionError("unreachable: every two-tower net has act6 and act7")
+
+    def conv1_weight(self) -> torch.Tensor:
+        return self.conv1.weight
+
+    def conv1_parameters(self) -> list[nn.Parameter]:
+        return list(self.conv1.parameters())
+
+
+class TwoDeviceAlexNet(nn.Module):
+    """The same network with tower A on one device and tower B on another (Sec. 3.2): every
+    stage maps a list of per-device parts to parts (alexnet.towers), with the one-device
+    network's stage names and state_dict keys."""
+
+    output_layer = "fc8"
+
+    def __init__(self, config: ModelConfig, num_classes: int, devices):
+        super().__init__()
+        self.config, self.num_classes = config, num_classes
+        self.devices = [torch.device(d) for d in devices]
+        if len(self.devices) != config.towers:
+            raise BadInput(
+                f"devices={list(devices)}: a {config.towers}-tower net runs on 1 or "
+                f"{config.towers} devices"
+            )
+        for name, m in _two_tower_stages(config, num_classes).items():
+            if isinstance(m, nn.Conv2d):
+                cross = m.groups == 1
+                part = TowerConv(m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0],
+                                 m.padding[0], cross, config.towers, self.devices)  # fmt: skip
+            elif isinstance(m, nn.Linear):
+                part = TowerLinear(m.in_features, m.out_features, self.devices)
+            elif isinstance(m, LocalResponseNorm):
+                part = TowerNorm(m, config.lrn_across_towers)
+            elif isinstance(m, Dropout):
+                part = TowerDropout(m)
+            else:
+                part = Each(m)
+            self.add_module(name, part)
+        self.stages = tuple(n for n, _ in self.named_children())
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        _init_two_tower(self, self.config, generator)
+
+    @property
+    def dropout_rows(self) -> tuple[int, int] | None:
+        return self.drop6.dropout.rows
+
+    @dropout_rows.setter
+    def dropout_rows(self, rows: tuple[int, int] | None) -> None:
+        self.drop6.dropout.rows = self.drop7.dropout.rows = rows
+
+    def check_input(self, x: torch.Tensor) -> None:
+        _check_two_tower_input(self.config, x)
 
     def _run(self, x: torch.Tensor, until: str | None = None) -> Parts:
         self.check_input(x)
-        # 2012 code: 1 + ceil((224 - 11) / 4) = 55 outputs = zero-pad right/bottom by 3.
-        xs = [network_input(x, self.config.conv1_pad_right_bottom)]
-        # A hook on an LRN or its pool sees each alone: then they run one by one.
-        fused = {n: p for n, p in self.norm_pool.items() if not _hooked(self, n, p)}
-        skip = None
+        xs = [x.to(self.devices[0])]
         for name in self.stages:
-            if name == skip:
-                continue
-            skip = fused.get(name)
-            if skip is not None:
-                xs = getattr(self, name)(xs, pool=getattr(self, skip).fn)
-            else:
-                xs = getattr(self, name)(xs)
-            if until is not None and until in (name, skip):
+            xs = getattr(self, name)(xs)
+            if name == until:
                 break
         return xs
 
@@ -241,8 +297,6 @@ class AlexNet(nn.Module):
         return gather(self._run(x), self.devices[0])
 
     def feature_vector(self, x: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
-        """fc6's or fc7's output after its ReLU, before dropout (Sec. 6.1: retrieval by the
-        4096-d activity of the last hidden layer, fc7)."""
         if layer not in ("fc6", "fc7"):
             raise ValueError(f"feature_vector: layer must be fc6 or fc7, got {layer!r}")
         return gather(self._run(x, until=f"act{layer[2]}"), self.devices[0])
@@ -254,7 +308,26 @@ class AlexNet(nn.Module):
         return list(self.conv1.parameters())
 
 
-class Dropout(nn.Dropout):
+class TowerDropout(nn.Module):
+    """Dropout over a layer's parts: the one-device mask (Dropout), drawn whole on the first
+    device and split, so that both forms consume the random stream alike."""
+
+    def __init__(self, dropout: Dropout):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, xs: Parts) -> Parts:
+        d = self.dropout
+        if d.p == 0 or not d.training:
+            return [d(x) for x in xs]
+        width, n = sum(x.shape[1] for x in xs), xs[0].shape[0]
+        rows = (d.rows[0] if d.rows else 0, n)
+        keep = dropout_mask(d.rows[1] if d.rows else n, width, rows, d.p, xs[0].device)
+        masks = keep.split([x.shape[1] for x in xs], 1)
+        return [x * m.to(x.device, x.dtype) * d.scale() for x, m in zip(xs, masks, strict=True)]
+
+
+class TorchvisionDropout(nn.Dropout):
     """nn.Dropout (inverted: survivors x 1/(1-p) in training, identity at test) or the paper's
     classic dropout (Sec. 4.2: survivors kept as they are, outputs x (1-p) at test)."""
 
@@ -299,10 +372,10 @@ class TorchvisionAlexNet(nn.Module):
         )
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = nn.Sequential(
-            Dropout(config.dropout, config.dropout_style),
+            TorchvisionDropout(config.dropout, config.dropout_style),
             nn.Linear(256 * 6 * 6, 4096),
             act,
-            Dropout(config.dropout, config.dropout_style),
+            TorchvisionDropout(config.dropout, config.dropout_style),
             nn.Linear(4096, 4096),
             act,
             nn.Linear(4096, num_classes),
@@ -377,4 +450,6 @@ def build_model(
         if len(devices) != 1:
             raise BadInput("the torchvision layout has one tower: give one device")
         return TorchvisionAlexNet(config, num_classes).to(devices[0])
-    return AlexNet(config, num_classes, devices)
+    if len(devices) == 1:
+        return AlexNet(config, num_classes).to(devices[0])
+    return TwoDeviceAlexNet(config, num_classes, devices)

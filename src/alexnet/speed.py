@@ -6,9 +6,8 @@ torchvision's AlexNet in one interleaved run (see BENCHMARKS.md for the figures 
 defaults below).
 
 What the defaults rest on (every figure in BENCHMARKS.md, "Why the code is shaped so"):
-- float32: channels_last is faster for torchvision's net (torch's NCHW max-pool is much slower
-  than its NHWC one); the two-tower net runs channels_last internally on CPUs whatever its
-  input (network_input), so its fp32 and fp32+cl modes are the same speed.
+- float32: channels_last is faster for both nets (torch's NCHW max-pool is much slower than its
+  NHWC one, and the fused ReLU-LRN-pool operator takes channels_last maps).
 - bfloat16 autocast: well ahead of float32 where the CPU has native bf16 (oneDNN runs bf16 dot
   products natively); bf16+cl is the two-tower net's fastest mode there.
 - torch.compile of the whole model: slower than eager on CPUs (oneDNN already runs the convs
@@ -17,7 +16,8 @@ What the defaults rest on (every figure in BENCHMARKS.md, "Why the code is shape
 - glibc's malloc returns every block above 32 MiB to the kernel on free and page-faults it back
   in on the next allocation: `tune_cpu_allocator` keeps them, a process-wide setting that
   `alexnet train` and `alexnet evaluate` make (prepare_model) and that a user's own script can
-  make with one call; build_model never does.
+  make with one call; build_model and alexnet.fast.fuse never do. It is the one mechanism here
+  that keeps memory between steps (BENCHMARKS.md measures the step with and without it).
 """
 
 from __future__ import annotations
@@ -29,42 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from alexnet.buffers import kept
+from alexnet import fast
 from alexnet.errors import BadInput
-
-
-# --- CPU speed tweaks inside the network (same function, faster on CPUs) ------------------------
-def network_input(x: torch.Tensor, pad: int = 0) -> torch.Tensor:
-    """The two-tower net's input, zero-padded right and bottom by `pad` (the 2012 code's conv1
-    arithmetic), and on CPUs in channels_last whatever its memory format (the same function):
-    torch's NCHW max-pool is several times slower than its NHWC one on the 96 and 256 maps
-    pooled there, and the LRN's kernels suit it (alexnet.lrn; BENCHMARKS.md). Both in one copy
-    of the batch, not a padded copy and then a reordered one.
-
-    On CPUs under bfloat16 autocast the copy is made in bfloat16, the dtype autocast would give
-    conv1's input anyway (the same rounding of the same values): half the bytes, and one cast
-    less. The padded batch is written into a kept tensor (alexnet.buffers): no page faults."""
-    cpu = x.device.type == "cpu"
-    if not pad:
-        return x.contiguous(memory_format=torch.channels_last) if cpu else x
-    n, c, h, w = x.shape
-    keep_cl = (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    )
-    fmt = torch.channels_last if cpu or keep_cl else torch.contiguous_format
-    shape, dtype = (n, c, h + pad, w + pad), x.dtype
-    if cpu and dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-    if cpu and not torch.compiler.is_compiling():
-        out = kept.empty("network_input", shape, dtype, x.device, fmt)
-    else:
-        out = torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
-    out[:, :, :h, :w] = x
-    out[:, :, h:, :] = 0  # the bottom rows and the right columns: the 2012 code's zero padding
-    out[:, :, :h, w:] = 0
-    return out
 
 
 @dataclass(frozen=True)
@@ -148,11 +114,12 @@ def tune_cpu_allocator() -> bool:
 
 
 def prepare_model(model: torch.nn.Module, mode: FastMode) -> torch.nn.Module:
-    """The model in the mode's memory format (in place; the same module is returned). On a CPU
-    it also applies `tune_cpu_allocator` (process-wide)."""
+    """The model in its fast form (alexnet.fast.fuse) and the mode's memory format (in place;
+    the same module is returned). On a CPU it also applies `tune_cpu_allocator` (process-wide)."""
     param = next(model.parameters(), None)
     if param is not None and param.device.type == "cpu":
         tune_cpu_allocator()
+    fast.fuse(model)
     if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

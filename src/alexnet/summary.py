@@ -41,8 +41,8 @@ def layer_table(model: nn.Module, input_size: int) -> list[dict[str, Any]]:
         return hook
 
     if isinstance(model, AlexNet):  # its stages, those that compute (not ReLU, dropout, flatten)
-        layers = [(n, getattr(model, n)) for n in model.stages]
-        layers = [(n, m) for n, m in layers if not n.startswith(("act", "drop", "flatten"))]
+        layers = [(n, m) for n, m in model.named_children()]
+        layers = [(n, m) for n, m in layers if not n.startswith(("act", "drop", "flatten", "pad"))]
     else:  # torchvision's layout: every leaf module
         layers = [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
     for name, module in layers:

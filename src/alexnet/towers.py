@@ -1,9 +1,10 @@
 """The two towers of Sec. 3.2 as layers that run on one device or on two.
 
-Every stage of the two-tower net takes and returns a list of tensors, one per device ("parts"):
-one part holding both towers on one device (the towers are then grouped convolutions), or two
-parts, tower A's maps on the first device and tower B's on the second. Activations cross between
-devices only where the paper's towers communicate: into conv3 and the fully connected layers.
+Every stage of the two-device net (alexnet.model.TwoDeviceAlexNet) takes and returns a list of
+tensors, one per device ("parts"): tower A's maps on the first device and tower B's on the
+second. (On one device the towers are grouped convolutions: alexnet.model.AlexNet.)
+Activations cross between devices only where the paper's towers communicate: into conv3 and
+the fully connected layers.
 
 `TowerConv` and `TowerLinear` hold their weights whole on one device, or as one slice of output
 units per device; their state_dict always holds one whole tensor per layer (conv2.weight is
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet.buffers import kept
+from alexnet.lrn import LocalResponseNorm, local_response_norm
 
 Parts = list[torch.Tensor]
 
@@ -147,36 +148,6 @@ class TowerConv(_TowerLayer):
         ]
 
 
-class _CastToKept(torch.autograd.Function):
-    """w.to(dtype) written into a kept tensor, and its gradient back in w's dtype into another
-    (alexnet.buffers): what autocast does to a weight, without a fresh allocation of each."""
-
-    @staticmethod
-    def forward(ctx, w, dtype, key):
-        ctx.key, ctx.dtype = key, w.dtype
-        return kept.empty(f"{key}.cast", tuple(w.shape), dtype, w.device).copy_(w)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        grad = kept.empty(f"{ctx.key}.grad", tuple(g.shape), ctx.dtype, g.device).copy_(g)
-        return grad, None, None
-
-
-def _autocast_weight(w: torch.Tensor, key: str) -> torch.Tensor:
-    """fc6's float32 weight is 151 MB: under CPU autocast its bf16 copy (forward) and its
-    float32 gradient (backward) are each a fresh block that glibc page-faults in on every step
-    (about 28 ms each at fc6; BENCHMARKS.md). The same rounding into kept tensors instead."""
-    if (
-        w.device.type != "cpu"
-        or w.dtype != torch.float32
-        or not torch.is_autocast_enabled("cpu")
-        or torch.compiler.is_compiling()
-    ):
-        return w
-    return _CastToKept.apply(w, torch.get_autocast_dtype("cpu"), key)
-
-
 class TowerLinear(_TowerLayer):
     """A fully connected layer: every unit sees all inputs (the towers communicate, Sec. 3.2)."""
 
@@ -187,12 +158,11 @@ class TowerLinear(_TowerLayer):
         super().__init__((fout, fin), devices, splits)
 
     def forward(self, xs: Parts) -> Parts:
-        key = f"linear{id(self)}"
         if not self.split:
-            return [F.linear(xs[0], _autocast_weight(self.weight, key), self.bias)]
+            return [F.linear(xs[0], self.weight, self.bias)]
         return [
-            F.linear(gather(xs, d), _autocast_weight(w, f"{key}.{i}"), b)
-            for i, (d, w, b) in enumerate(zip(self.devices, self.weights, self.biases, strict=True))
+            F.linear(gather(xs, d), w, b)
+            for d, w, b in zip(self.devices, self.weights, self.biases, strict=True)
         ]
 
 
@@ -208,24 +178,20 @@ class Each(nn.Module):
 
 
 class TowerNorm(nn.Module):
-    """A normalisation over the maps of each tower (or of the whole layer, `across`): on one
-    device the module's own groups do it; on two devices each part is a tower, and a window
-    across the towers (Caffe) normalises the gathered layer."""
+    """An LRN over the maps of each tower (or of the whole layer, `across`, Caffe): each part is
+    a tower, normalised on its own; a window across the towers normalises the gathered layer."""
 
-    def __init__(self, norm: nn.Module, across: bool, relu_first: bool = False):
+    def __init__(self, norm: LocalResponseNorm, across: bool):
         super().__init__()
-        self.norm, self.across, self.relu_first = norm, across, relu_first
+        self.norm, self.across = norm, across
 
-    def forward(self, xs: Parts, pool: nn.Module | None = None) -> Parts:
-        """pool: the max-pool that follows, run in the same pass where it can be (alexnet.lrn)."""
-        if len(xs) == 1:
-            return [self.norm(xs[0], relu=self.relu_first, pool=pool)]
+    def forward(self, xs: Parts) -> Parts:
+        n = self.norm
         if self.across:
-            whole = self.norm(gather(xs, xs[0].device), relu=self.relu_first)
+            whole = local_response_norm(gather(xs, xs[0].device), n.size, n.alpha, n.beta, n.k)
             parts = whole.split([x.shape[1] for x in xs], 1)
-            parts = [p.to(x.device) for p, x in zip(parts, xs, strict=True)]
-            return parts if pool is None else [pool(p) for p in parts]
-        return [self.norm(x, groups=1, relu=self.relu_first, pool=pool) for x in xs]
+            return [p.to(x.device) for p, x in zip(parts, xs, strict=True)]
+        return [local_response_norm(x, n.size, n.alpha, n.beta, n.k) for x in xs]
 
     def extra_repr(self) -> str:
-        return f"across_towers={self.across}, relu_first={self.relu_first}"
+        return f"across_towers={self.across}"

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from alexnet import lrn
+from alexnet import fast, lrn, lrn_pool
 from alexnet.benchmarks.report import (
     machine_info,
     machine_lines,
@@ -150,6 +150,7 @@ def run_model_bench(
     device: str | torch.device = "cpu",
     peak_size: int = 2048,
     tune_allocator: bool = True,
+    fuse: bool = True,
     seed: int = 0,
     log=print,
 ) -> dict:
@@ -192,7 +193,10 @@ def run_model_bench(
 
     configs: list[_Config] = []
     for profile in profiles:
+        # The fast form (alexnet.fast.fuse), as `alexnet train` runs it; unfused on request.
         model = build_model(profile, num_classes=num_classes, devices=[device]).train()
+        if fuse:
+            fast.fuse(model)
         # The same optimiser for every network: SGD with momentum (Sec. 5's hyper-parameters;
         # lr kept small so that the random batches do not blow the weights up mid-benchmark).
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
@@ -277,6 +281,8 @@ def run_model_bench(
             "allocator_tuned": tuned,
             "optimizer": "SGD(lr=1e-4, momentum=0.9, weight_decay=5e-4)",
             "lrn_backend": _lrn_backend(),
+            "fused": fuse,  # alexnet.fast.fuse applied to the two-tower nets
+            "lrn_pool_kernel": lrn_pool.available() if fuse else False,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) and device.type == "cuda",
         },
     }

@@ -21,34 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from alexnet import fast
 from alexnet.model import AlexNet, build_model
-from alexnet.speed import FastMode, autocast, network_input, prepare_input
+from alexnet.speed import FastMode, autocast, prepare_input
 
 
 def _stages(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The network as (name, module) in forward order: the two-tower net's stages (each takes
-    and returns a list of parts), or torchvision's modules."""
-    if isinstance(model, AlexNet):  # an LRN and its pool run as one stage (alexnet.lrn_pool)
-        pools = set(model.norm_pool.values())
-        return [
-            (
-                f"{n}+{model.norm_pool[n]}",
-                _with_pool(getattr(model, n), getattr(model, model.norm_pool[n])),
-            )
-            if n in model.norm_pool
-            else (n, getattr(model, n))
-            for n in model.stages
-            if n not in pools
-        ]
+    """The network as (name, module) in forward order: the two-tower net's stages (in its fast
+    form, alexnet.fast: an LRN and its pool run as one stage; the stages fusion left as
+    nn.Identity are left out), or torchvision's modules."""
+    if isinstance(model, AlexNet):
+        return [(n, m) for n, m in model.named_children() if not isinstance(m, torch.nn.Identity)]
     seq = [(f"features.{i}", m) for i, m in enumerate(model.features)]
     seq.append(("avgpool", model.avgpool))
     seq.append(("flatten", torch.nn.Flatten()))
     seq += [(f"classifier.{i}", m) for i, m in enumerate(model.classifier)]
     return seq
-
-
-def _with_pool(norm, pool):
-    return lambda xs: norm(xs, pool=pool.fn)
 
 
 def _clone(x):
@@ -70,9 +58,7 @@ def layer_times(model, x, mode: FastMode, repeats: int = 5) -> list[dict[str, An
     stages = _stages(model)
     inputs = []
     with torch.no_grad(), autocast(mode, x.device):
-        h = [x] if isinstance(model, AlexNet) else x
-        if isinstance(model, AlexNet):  # as AlexNet._run prepares the input
-            h = [network_input(x, model.config.conv1_pad_right_bottom)]
+        h = x
         for _name, m in stages:
             inputs.append(_clone(h))
             h = m(h)
@@ -161,7 +147,7 @@ def run_ops_bench(
             mode = FastMode.from_label(mode_label)
             for name in profiles:
                 torch.manual_seed(0)
-                model = build_model(name, num_classes=1000).train()
+                model = fast.fuse(build_model(name, num_classes=1000).train())
                 if mode.channels_last:
                     model = model.to(memory_format=torch.channels_last)
                 size = 224 if name == "torchvision" else model.config.input_size

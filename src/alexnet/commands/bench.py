@@ -50,13 +50,14 @@ def run_bench_model(args) -> int:
             device=device,
             peak_size=256 if args.quick else 2048,
             tune_allocator=loop == "tuned",
+            fuse=not args.unfused,
             log=(lambda *a: None) if args.json else print,
         )
         r["settings"]["loop"] = loop
         r["settings"]["command"] = (
             f"alexnet bench model --loop {args.loop} --profiles {','.join(profiles)} --modes "
             f"{','.join(modes)} --batch-size {batch} --steps {steps} --warmup {warmup} "
-            f"--num-classes {classes}"
+            f"--num-classes {classes}" + (" --unfused" if args.unfused else "")
         )
         results[loop] = r
         if args.markdown:
@@ -105,6 +106,12 @@ def register(sub) -> None:
         help="plain: a user's own loop (torch.optim.SGD, glibc's malloc as it is); tuned: with "
         "alexnet.speed.tune_cpu_allocator() first, as alexnet train does; both (default): plain, "
         "then tuned, in one process",
+    )
+    m.add_argument(
+        "--unfused",
+        action="store_true",
+        help="measure the plain two-tower network (default: its fast form, alexnet.fast.fuse, "
+        "as alexnet train runs it)",
     )
     m.add_argument("--markdown", metavar="FILE", help="also write the table into FILE (Markdown)")
     m.add_argument(
