@@ -154,7 +154,7 @@ def test_model_norm_layers_follow_the_formula(profile):
     m = alexnet.get_profile(profile).model
     # Large activations so the normalisation term matters (alpha * sum ~ k).
     x = torch.randn(2, 96, 7, 7, dtype=torch.float64) * 60
-    got = model.norm1.norm(x)
+    got = model.norm1(x)
     # The facts: each tower normalises its own 48 maps (paper, 2012 code); Caffe's norm1 has no
     # groups, its window runs across all 96 maps.
     groups = 1 if profile == "caffe" else 2
@@ -175,7 +175,7 @@ def test_cuda_convnet_spatial_norm_has_constant_one():
         for xx in range(6):
             s = (xp[:, :, y : y + 5, xx : xx + 5] ** 2).sum((2, 3))
             ref[:, :, y, xx] = x[:, :, y, xx] / (1 + 0.001 / 25 * s) ** 0.75
-    torch.testing.assert_close(model.snorm2.fn(x), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.snorm2(x), ref, rtol=1e-12, atol=1e-12)
 
 
 def _fc_inputs(model):
@@ -183,7 +183,7 @@ def _fc_inputs(model):
     seen = {}
     hooks = [
         getattr(model, n).register_forward_pre_hook(
-            lambda _m, args, n=n: seen.__setitem__(n, args[0][0].detach().clone())
+            lambda _m, args, n=n: seen.__setitem__(n, args[0].detach().clone())
         )
         for n in ("fc7", "fc8")
     ]
@@ -263,7 +263,7 @@ def _seeded_pass(model, x, seed, train):
 
 def _layer_params(model, name):
     layer = getattr(model, name)
-    if layer.split:
+    if hasattr(layer, "split"):  # the two-device form holds each tower's half on its device
         return [p.grad for p in layer.weights] + [p.grad for p in layer.biases]
     return [
         layer.weight.grad[: layer.weight.shape[0] // 2],
@@ -424,17 +424,17 @@ def test_conv6_variant_shapes_and_count_by_hand():
     assert count(net) == 60_965_224 + extra_params
     assert net.conv6.weight.shape == (256, 128, 3, 3) and net.fc6.weight.shape == (4096, 9216)
     shapes = {}
-    net.conv6.register_forward_hook(lambda _m, _i, out: shapes.__setitem__("c6", out[0].shape))
+    net.conv6.register_forward_hook(lambda _m, _i, out: shapes.__setitem__("c6", out.shape))
     with torch.no_grad():
         assert net.eval()(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
     assert tuple(shapes["c6"]) == (1, 256, 6, 6)
     # Grouped: kernel i of tower A sees only tower A's maps (changing tower B's input leaves
     # tower A's conv6 outputs alone).
     x = torch.randn(2, 256, 6, 6)
-    y = net.conv6([x])[0]
+    y = net.conv6(x)
     x2 = x.clone()
     x2[:, 128:] += 1.0
-    y2 = net.conv6([x2])[0]
+    y2 = net.conv6(x2)
     assert torch.equal(y[:, :128], y2[:, :128]) and not torch.equal(y[:, 128:], y2[:, 128:])
     s = summarize("paper", conv6=True)
     row = next(r for r in s["layers"] if r["layer"] == "conv6")
