@@ -2,6 +2,10 @@
 
 - Every write is atomic (fileio.atomic_write): a crash at any moment leaves either the old file
   or the new one, never a torn file.
+- Every file carries a checksum (sha256 of its tensors' bytes and of everything else it holds:
+  `content_digest`), which loading verifies: a file damaged after it was written (a flipped
+  bit, bytes overwritten) is refused in one line naming it, as is any NaN or infinite
+  floating-point tensor (named). Files written before checksums existed load unchecked.
 - Weights (`save_weights` / `load_weights`): safetensors, with string metadata; the format key
   "format": "alexnet-weights/1" tells our files from any other safetensors file. A weights file
   of this program also carries the profile, the class names (`weights_metadata`) and the
@@ -10,12 +14,17 @@
   only tensors and plain containers/numbers/strings come back. `capture_rng_state` /
   `restore_rng_state` put every random generator's state into those types.
 
-A file that is empty, truncated, corrupt or someone else's raises ValueError with one line naming
-the file and what is wrong (FileNotFoundError for a missing one).
+A file that is empty, truncated, corrupt, damaged or someone else's raises ValueError with one
+line naming the file and what is wrong (FileNotFoundError for a missing one).
+
+Why one file of this length: the weights and the training state share what makes a file read
+from disk trustworthy (atomic writes, checksums, finite values, one-line errors), and the
+weights' metadata and statistics belong with the tensors they describe.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -40,6 +49,68 @@ from alexnet.fileio import atomic_write, file_sha256
 WEIGHTS_FORMAT = "alexnet-weights/1"
 STATE_FORMAT = "alexnet-state/1"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+# The metadata key (weights) and the wrapper key (state) of the checksum.
+CHECKSUM_KEY = "sha256"
+# The largest image side a weights file's preprocessing may ask for (data.image_size,
+# model.input_size): the paper's is 256 (224 crops); 12000 would resize every image to 2.4 GB.
+MAX_IMAGE_SIDE = 1024
+
+
+# --- checksums and finiteness ------------------------------------------------------------------
+def _digest(h, obj: Any) -> None:
+    # A canonical walk: the same content gives the same bytes, whatever the file's layout.
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, Mapping):
+        h.update(f"D{len(obj)};".encode())
+        for k, v in obj.items():
+            _digest(h, k)
+            _digest(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
+        for v in obj:
+            _digest(h, v)
+    else:  # numbers, strings, None, bytes, dtypes: their repr is exact
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 of a structure of tensors (dtype, shape, bytes), containers and plain values."""
+    h = hashlib.sha256()
+    _digest(h, obj)
+    return h.hexdigest()
+
+
+def _weights_digest(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> str:
+    return content_digest(
+        {
+            "metadata": sorted((k, v) for k, v in meta.items() if k != CHECKSUM_KEY),
+            "tensors": [(k, tensors[k]) for k in sorted(tensors)],
+        }
+    )
+
+
+def _tensors_in(obj: Any, prefix: str = ""):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _tensors_in(v, f"{prefix}{k}" if not prefix else f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors_in(v, f"{prefix}/{i}" if prefix else str(i))
+
+
+def check_finite(path: str | os.PathLike, obj: Any) -> None:
+    """BadInput naming `path` and the first floating-point tensor in `obj` (a state_dict or any
+    structure of them) that holds a NaN or an infinity: such weights give nan for every image."""
+    for name, t in _tensors_in(obj):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            what = "NaN" if bool(torch.isnan(t).any()) else "infinite values"
+            raise BadInput(f"{path}: {name} holds {what}: the weights are broken, not usable")
 
 
 # --- weights: safetensors ----------------------------------------------------------------------
@@ -73,7 +144,9 @@ def save_weights(
         if not isinstance(k, str) or not isinstance(v, str):
             raise ValueError(f"weights metadata must map str to str; {k!r} is {type(v).__name__}")
         meta[k] = v
-    data = st_save(_cpu_tensors(state), metadata=meta)
+    tensors = _cpu_tensors(state)
+    meta[CHECKSUM_KEY] = _weights_digest(tensors, meta)
+    data = st_save(tensors, metadata=meta)
     return atomic_write(path, lambda f: f.write(data))
 
 
@@ -112,9 +185,7 @@ def _read_weights_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of a weights file written by save_weights, read from its header alone."""
-    path = Path(path)
+def _header_metadata(path: Path) -> dict[str, str]:
     meta = _read_weights_header(path).get("__metadata__") or {}
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt is None:
@@ -124,15 +195,35 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(meta)
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a weights file written by save_weights, read from its header alone
+    (unverified: load_weights checks the file whole)."""
+    meta = _header_metadata(Path(path))
+    meta.pop(CHECKSUM_KEY, None)
+    return meta
+
+
 def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state_dict on the CPU, metadata) of a file written by save_weights. Never runs code."""
+    """(state_dict on the CPU, metadata) of a file written by save_weights. Never runs code.
+    The checksum is verified and every floating-point tensor must be finite (BadInput naming
+    the file, and the tensor)."""
     path = Path(path)
-    meta = read_metadata(path)
+    meta = _header_metadata(path)
     try:
         state = st_load_file(path, device="cpu")
     except Exception as e:  # safetensors' own checks (bad offsets, dtypes, ...)
         raise _bad(path, f"corrupt safetensors file ({str(e).splitlines()[0]})") from None
+    saved = meta.pop(CHECKSUM_KEY, None)
+    if saved is not None and saved != _weights_digest(state, meta):
+        raise _bad(path, _DAMAGED)
+    check_finite(path, state)
     return state, meta
+
+
+_DAMAGED = (
+    "damaged: its contents no longer match the checksum written with it (changed or corrupted "
+    "since); use another copy"
+)
 
 
 @dataclass
@@ -185,6 +276,35 @@ def split_weights(
     )
     state = {k: v for k, v in tensors.items() if not k.startswith(PREPROCESS_PREFIX)}
     return state, stats
+
+
+def check_preprocessing(path: str | os.PathLike, profile, stats: Preprocess) -> None:
+    """BadInput naming `path` unless a weights file's preprocessing is one prediction can use
+    as it is: image sides of at most MAX_IMAGE_SIDE pixels (a metadata that asks for 12000
+    would resize every image to 12000x12000), a mean image of data.image_size pixels, three
+    colour channels with positive standard deviations. (Finite values: load_weights.)"""
+    size, side = profile.data.image_size, profile.model.input_size
+    for key, v in (("data.image_size", size), ("model.input_size", side)):
+        if v > MAX_IMAGE_SIDE:
+            raise _bad(path, f"its metadata asks for {key}={v}, over the {MAX_IMAGE_SIDE} allowed")
+    shapes = {
+        "mean_image": (size, size, 3),
+        "channel_mean": (3,),
+        "channel_std": (3,),
+        "eigval": (3,),
+        "eigvec": (3, 3),
+    }
+    for name, shape in shapes.items():
+        got = tuple(np.shape(getattr(stats, name)))
+        if got != shape:
+            raise _bad(
+                path,
+                f"{PREPROCESS_PREFIX}{name} is {got}, where data.image_size={size} needs {shape}",
+            )
+    if not bool((np.asarray(stats.channel_std) > 0).all()):
+        raise _bad(
+            path, f"{PREPROCESS_PREFIX}channel_std must be positive, got {stats.channel_std}"
+        )
 
 
 def load_into(
@@ -281,12 +401,15 @@ def init_from(model: nn.Module, path: str | os.PathLike, classes: list[str]) -> 
 def save_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     """torch.save `state` atomically, wrapped with the format key STATE_FORMAT. Keep it to
     tensors, numbers, strings, None, lists, tuples and dicts (weights_only loading)."""
-    wrapped = {"format": STATE_FORMAT, "state": dict(state)}
+    state = dict(state)
+    wrapped = {"format": STATE_FORMAT, "state": state, CHECKSUM_KEY: content_digest(state)}
     return atomic_write(path, lambda f: torch.save(wrapped, f))
 
 
 def load_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """The dict given to save_state. torch.load(weights_only=True): never runs code."""
+    """The dict given to save_state. torch.load(weights_only=True): never runs code. The
+    checksum is verified and every floating-point tensor must be finite (BadInput naming the
+    file, and the tensor)."""
     path = Path(path)
     size = path.stat().st_size  # FileNotFoundError for a missing file
     if size == 0:
@@ -311,6 +434,10 @@ def load_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, 
         raise _bad(
             path, f"not an alexnet training state (format {fmt!r}, expected {STATE_FORMAT!r})"
         )
+    saved = obj.get(CHECKSUM_KEY)
+    if saved is not None and saved != content_digest(obj["state"]):
+        raise _bad(path, _DAMAGED)
+    check_finite(path, obj["state"])
     return obj["state"]
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from alexnet import checkpoint
 from alexnet.checkpoint import Preprocess
-from alexnet.config import Profile, get_profile, profile_from_dict
+from alexnet.config import Profile, check_profile, get_profile, profile_from_dict
 from alexnet.data import make_eval_loader, open_store, preprocess, spread_indices
 from alexnet.errors import BadInput, NotFound
 from alexnet.fileio import read_json
@@ -53,13 +53,20 @@ def weights_path(run_or_weights: str | Path) -> Path:
 def load_model(run_or_weights: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """A run folder or a weights file (safetensors: never runs code) -> the model, eval mode."""
     path = weights_path(run_or_weights)
-    tensors, meta = checkpoint.load_weights(path)
+    tensors, meta = checkpoint.load_weights(path)  # checksum and finiteness verified
     try:
         profile = profile_from_dict(json.loads(meta["config"]))
         classes = json.loads(meta["classes"])
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
         raise BadInput(f"{path}: weights without this program's metadata ({e})") from None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise BadInput(f"{path}: its metadata's classes are not a list of class names")
+    try:  # the values the views and the network are built from, before they are used
+        check_profile(profile)
+    except BadInput as e:
+        raise BadInput(f"{path}: its metadata holds {e}") from None
     state, stats = checkpoint.split_weights(path, tensors)
+    checkpoint.check_preprocessing(path, profile, stats)
     model = build_model(profile, num_classes=len(classes), devices=[device])
     described = f"its metadata describes (profile {profile.name}, {len(classes)} classes)"
     checkpoint.load_into(model, state, path, described)
@@ -216,18 +223,33 @@ def check_classes(loaded: LoadedModel, store, ignore_class_names: bool = False) 
     number of classes is not enough (a 10-class Fashion-MNIST net on CIFAR-10 would report a
     meaningless error). `ignore_class_names`: the same number suffices (a store whose classes
     were renamed)."""
-    mine, theirs = list(loaded.classes), list(store.classes)
+    same_classes(
+        loaded.classes,
+        loaded.path,
+        store,
+        ignore_class_names=ignore_class_names,
+        remedy="--ignore-class-names evaluates anyway, matching classes by number",
+    )
+
+
+def same_classes(
+    classes: list[str], source, store, *, ignore_class_names: bool = False, remedy: str = ""
+) -> None:
+    """BadInput unless `classes` (those `source`, a weights file or a run, was trained on) are
+    the store's, in its order (by number alone with `ignore_class_names`); `remedy`: what the
+    user may do instead, said at the end of the line."""
+    mine, theirs = list(classes), list(store.classes)
     if len(mine) != len(theirs):
         raise BadInput(
-            f"{loaded.path} has {len(mine)} classes, the store {store.path} {len(theirs)}: "
+            f"{source} has {len(mine)} classes, the store {store.path} {len(theirs)}: "
             "the weights were trained on another dataset"
         )
     if mine != theirs and not ignore_class_names:
         k = next(i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b)
         raise BadInput(
-            f"{loaded.path} was trained on other classes than the store {store.path} holds "
-            f"(class {k}: {mine[k]!r} in the weights, {theirs[k]!r} in the store); "
-            "--ignore-class-names evaluates anyway, matching classes by number"
+            f"{source} was trained on other classes than the store {store.path} holds "
+            f"(class {k}: {mine[k]!r} in the weights, {theirs[k]!r} in the store)"
+            + (f"; {remedy}" if remedy else "")
         )
 
 
@@ -315,11 +337,12 @@ def evaluate_networks(
     data = data if data is not None else recorded_store(members[0])
     device = kw.pop("device", "cpu")
     results, total, labels = [], None, None
-    for m in members:
+    for i, m in enumerate(members):
         loaded = load_model(m, device)
         r = evaluate_store(loaded, data, split, views, device=device, keep_probs=True, **kw)
-        del loaded
         probs, y = r.pop("probs"), r.pop("labels")
+        check_outputs(loaded.path, probs, i, len(members))
+        del loaded
         total = probs.double() if total is None else total + probs.double()
         if labels is not None and not torch.equal(labels, y):  # each member's loader: same order
             raise RuntimeError("the members' evaluation loaders disagree on the images")
@@ -342,6 +365,18 @@ def evaluate_networks(
         out.update({k: v for k, v in results[0].items() if k not in out})
     out.update({k: ensemble[k] for k in ("images", "top1_error", "top5_error", "loss")})
     return out
+
+
+def check_outputs(path: Path, probs: torch.Tensor, member: int = 0, of: int = 1) -> None:
+    """BadInput naming the network (`member` of `of`, an ensemble's) whose softmax outputs are
+    not finite (weights that overflow): averaged in, they would turn the whole result to nan."""
+    bad = int((~torch.isfinite(probs)).flatten(1).any(1).sum()) if probs.numel() else 0
+    if bad:
+        which = f"network {member + 1} of the ensemble's {of}, " if of > 1 else ""
+        raise BadInput(
+            f"{path}: {which}its outputs are NaN or infinite for {bad} of {len(probs)} images: "
+            "its weights are broken (they overflow)"
+        )
 
 
 def image_probabilities(
@@ -395,9 +430,13 @@ def predict_networks(
     networks each result also holds "members": each network's own top-k."""
     classes = check_same_classes(members)
     per_member = []
-    for m in members:
+    for i, m in enumerate(members):
         loaded = load_model(m, device)
-        per_member.append((str(loaded.path), image_probabilities(loaded, paths, views, device)))
+        probs = image_probabilities(loaded, paths, views, device)
+        read = [p for p in probs if not isinstance(p, str)]
+        if read:
+            check_outputs(loaded.path, torch.stack(read), i, len(members))
+        per_member.append((str(loaded.path), probs))
         del loaded
     results = []
     for i, path in enumerate(paths):

@@ -5,6 +5,9 @@ fsynced, renamed over the target with os.replace, then the folder fsynced. A cra
 leaves either the old file or the new one, never a torn file. Written files get the usual
 permissions (0666 minus the umask), like any file the user creates. A write that fails (the disk
 full, a quota) raises CannotWrite naming the file: one line for the user, the old file kept.
+A writer killed mid-write (SIGKILL, a power loss) leaves its temporary file (.NAME.PID-XXXXXXXX.tmp,
+up to a checkpoint's size); the next writer of that folder removes such files whose process is
+gone (`remove_stale_temporaries`).
 
 `exclusive_lock` keeps two commands from writing one folder (a run, a store) at once.
 `read_regular_file` reads a whole file only if it is a regular file of bounded size: a FIFO or a
@@ -19,8 +22,10 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -67,6 +72,57 @@ class _Recording:
         return getattr(self._f, name)
 
 
+# atomic_write's temporary files: ".NAME.PID-XXXXXXXX.tmp" (mkstemp's eight random characters),
+# and ".NAME.XXXXXXXX.tmp" as written before the process id was part of the name.
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[a-z0-9_]{8}\.tmp")
+_STARTED = time.time()  # this process's start (near enough: its first write comes later)
+_SWEPT: set[str] = set()  # folders whose stale temporary files this process removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove atomic_write's temporary files in `folder` that no writer will finish: those of a
+    process that is gone (the process id in the name; the folder lock keeps writers of one
+    folder on one machine), and those written before process ids were in the names whose file
+    exists and that are older than this process. Nothing else (another name, a live writer's
+    file, a file of another kind) is touched. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TEMP.fullmatch(e.name)
+        if m is None:
+            continue
+        try:
+            if not e.is_file(follow_symlinks=False):
+                continue
+            if m["pid"] is not None:
+                pid = int(m["pid"])
+                if pid == os.getpid() or _alive(pid):
+                    continue
+            elif not (
+                os.path.exists(os.path.join(folder, m["name"]))
+                and e.stat(follow_symlinks=False).st_mtime < _STARTED
+            ):
+                continue
+            os.unlink(e.path)
+            removed.append(Path(e.path))
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any]) -> Path:
     """Write `path` atomically: `write_fn(f)` writes to a binary temporary file in the same
     folder, which is flushed, fsynced and renamed over `path`. On any error (or Ctrl-C) the
@@ -74,9 +130,13 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any]) 
     (the disk full, a quota, no permission) becomes CannotWrite, one line naming `path`."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    key = os.path.realpath(folder)
+    if key not in _SWEPT:  # a killed writer's leftovers, once per folder and process
+        remove_stale_temporaries(folder)
+        _SWEPT.add(key)
     tmp, rec = None, None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as f:
             rec = _Recording(f)
             write_fn(rec)

@@ -51,7 +51,7 @@ from alexnet.config import (
 from alexnet.data import TrainLoader, make_eval_loader, open_store
 from alexnet.devices import model_devices, select_device
 from alexnet.errors import AlreadyExists, BadInput, NotFound
-from alexnet.evaluate import evaluate_model
+from alexnet.evaluate import evaluate_model, same_classes
 from alexnet.fileio import exclusive_lock, read_json, write_json
 from alexnet.model import AlexNet, build_model
 from alexnet.optim import LRSchedule, make_optimizer
@@ -146,6 +146,11 @@ def read_run_config(out: str | Path) -> tuple[Profile, RunConfig]:
         if saved.get("format") != RUN_FORMAT:
             raise BadInput(f"{path}: not a run of this program")
         profile, run = profile_from_dict(saved["profile"]), RunConfig(**saved["run"])
+        # A store given as a relative path is the one config.json records in full (resolved
+        # where the run started), whatever the working directory of the resume.
+        store = (saved.get("derived") or {}).get("store")
+        if isinstance(run.data, str) and not Path(run.data).is_absolute() and store:
+            run = dataclasses.replace(run, data=str(store))
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
         raise BadInput(f"{path}: empty, incomplete or corrupt run configuration") from None
     try:
@@ -358,6 +363,9 @@ class Trainer:
             "position": dataclasses.asdict(self.pos),
             "rng": checkpoint.capture_rng_state(),
             "history": json.dumps(self.history),
+            # The store's identity: a resumed run checks it is training on the same data.
+            "classes": list(self.store.classes),
+            "stats_sha256": checkpoint.content_digest(checkpoint.stats_tensors(self.stats)),
         }
 
     def save_checkpoint(self) -> None:
@@ -390,9 +398,19 @@ class Trainer:
             if torch.is_tensor(t) and t.is_floating_point() and not bool(t.isfinite().all()):
                 raise FloatingPointError(
                     f"{name} became non-finite at step {self.pos.step} (epoch "
-                    f"{self.pos.epoch + 1}); the run stopped without saving it, and "
-                    f"{self.out / 'state.pt'} keeps the last good checkpoint"
+                    f"{self.pos.epoch + 1}); the run stopped without saving it{self._kept()}"
                 )
+
+    def _kept(self) -> str:
+        """The end of a divergence message: what the run folder keeps (state.pt is written only
+        when finite, so the one there is the last good one; there may be none yet)."""
+        path = self.out / "state.pt"
+        if path.exists():
+            return f", and {path} keeps the last good checkpoint"
+        return (
+            f"; {self.out} holds no checkpoint (it diverged before the first): try a lower lr, "
+            "or other --init weights"
+        )
 
     def _cuda_devices(self) -> list[torch.device]:
         return [d for d in self.devices if d.type == "cuda"]
@@ -424,6 +442,13 @@ class Trainer:
                     raise BadInput(
                         f"{path}: not a checkpoint of this program ({state.get('format')!r})"
                     )
+            elif (self.out / "model.safetensors").exists():
+                # state.pt removed (to save space): starting over would overwrite the weights.
+                raise BadInput(
+                    f"{path} is missing, so {self.out} cannot be resumed, and starting it over "
+                    f"would overwrite its weights and metrics; continue from its weights in a "
+                    f"new folder: alexnet train --init {self.out} --data STORE --out NEW_RUN"
+                )
             else:
                 # Killed before its first checkpoint: the run starts over, with its own config.
                 print(f"{path}: no checkpoint yet; starting the run over", file=sys.stderr)
@@ -437,6 +462,7 @@ class Trainer:
                 )
         if state is None:
             return
+        self._check_store(state, path)  # every rank: each stops, none waits for another
         checkpoint.load_into(self.model, state["model"], path, "of this run's config.json")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -461,6 +487,31 @@ class Trainer:
                 f"resuming {self.out} at epoch {self.pos.epoch + 1}, batch {self.pos.batch}, "
                 f"step {self.pos.step}",
                 file=sys.stderr,
+            )
+
+    def _check_store(self, state: dict[str, Any], path: Path) -> None:
+        """BadInput unless the store is the one the checkpoint was trained on: its classes, in
+        their order (as `evaluate` checks them), and its statistics. A store prepared again at
+        the same path with the classes in another order would train on swapped labels."""
+        classes = state.get("classes")
+        if classes is None:  # a checkpoint written before it recorded them: config.json's
+            classes = ((read_json(self.out / "config.json") or {}).get("derived") or {}).get(
+                "classes"
+            )
+        if classes is not None:
+            same_classes(
+                classes,
+                self.out,
+                self.store,
+                remedy="resume it on the store it was trained on",
+            )
+        saved = state.get("stats_sha256")
+        mine = checkpoint.content_digest(checkpoint.stats_tensors(self.stats))
+        if saved is not None and saved != mine:
+            raise BadInput(
+                f"{self.store.path}: its statistics (mean image, colour) are not those "
+                f"{self.out} was trained with (the store was prepared again?); resume it on the "
+                f"store it was trained on, or start a new run from its weights (--init {self.out})"
             )
 
     # --- one epoch -----------------------------------------------------------------------
@@ -568,7 +619,7 @@ class Trainer:
         if step != math.inf:
             raise FloatingPointError(
                 f"the loss became {value} at step {int(step)} (epoch {self.pos.epoch + 1}); the "
-                f"run stopped and {self.out / 'state.pt'} keeps the last good checkpoint"
+                f"run stopped{self._kept()}"
             )
 
     # --- validation ----------------------------------------------------------------------
