@@ -202,8 +202,7 @@ def test_item5_a_step_that_ruins_the_weights_is_never_saved(tiny_store, tmp_path
     def poison_gradient(_module, _inputs, output):
         calls["n"] += 1
         if calls["n"] == 3:
-            for o in output:  # the two towers' parts
-                o.register_hook(lambda g: g * float("inf"))
+            output.register_hook(lambda g: g * float("inf"))
         return output
 
     trainer.model.fc8.register_forward_hook(poison_gradient)
