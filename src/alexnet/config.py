@@ -527,19 +527,126 @@ def _check_section(flat: dict[str, Any], section: str) -> None:
             _check_number(key, flat[key])
 
 
+def _check_types(config: Any, section: str) -> None:
+    """BadInput unless each true/false, integer and number field holds one (a hand-edited
+    config.json, or a value --set could not type: 1.5 epochs would fail only at the end)."""
+    for f in dataclasses.fields(config):
+        v, kind = getattr(config, f.name), str(f.type).replace(" | None", "")
+        if v is None and "None" in str(f.type):
+            continue
+        if kind == "bool" and not isinstance(v, bool):
+            raise BadInput(f"{section}.{f.name}={v!r} must be true or false")
+        if kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+            raise BadInput(f"{section}.{f.name}={v!r} must be an integer")
+
+
+# Figure 2's geometry (alexnet.model.CONV_SPEC): conv1 is 11x11 with stride 4 over the input
+# padded right and bottom by conv1_pad_right_bottom; conv2-conv5 (and conv6) keep the size; the
+# three max-pools have stride 2; fc6 takes the last pooled maps at 6x6.
+FC6_SIDE = 6
+
+
+def pool5_side(model: ModelConfig, size: int) -> int:
+    """The side of the two-tower net's last pooled maps for inputs of `size` pixels (0: the
+    input is too small to reach them)."""
+    z = 3 if model.pool == "overlap" else 2
+    side = (size + model.conv1_pad_right_bottom - 11) // 4 + 1
+    for _ in range(3):
+        if side < z:
+            return 0
+        side = (side - z) // 2 + 1
+    return side
+
+
+def check_input_size(model: ModelConfig, size: int, what: str = "model.input_size") -> None:
+    """BadInput unless the network takes inputs of `size` pixels: the torchvision layout any
+    side from 63 (its adaptive pool), the two-tower net a side that gives fc6 its 6x6 maps."""
+    name = f"{what} " if what.startswith("-") else f"{what}="  # a flag, or a config field
+    if isinstance(size, bool) or not isinstance(size, int) or size < 63:
+        raise BadInput(f"{name}{size!r} must be an integer >= 63")
+    if model.layout != "two-tower" or pool5_side(model, size) == FC6_SIDE:
+        return
+    fits = [n for n in range(63, 1024) if pool5_side(model, n) == FC6_SIDE]
+    raise BadInput(
+        f"{name}{size} gives {pool5_side(model, size)}x{pool5_side(model, size)} maps at pool5 "
+        f"where fc6 takes {FC6_SIDE}x{FC6_SIDE}: with conv1_pad_right_bottom="
+        f"{model.conv1_pad_right_bottom} and pool={model.pool} the two-tower net takes inputs "
+        f"of {fits[0]} to {fits[-1]} pixels"
+    )
+
+
 def check_model_config(model: ModelConfig) -> ModelConfig:
-    """The network's values checked (choices and ranges); BadInput naming the field otherwise."""
+    """The network's values checked (types, choices, ranges, an input size the network takes);
+    BadInput naming the field otherwise."""
+    _check_types(model, "model")
     _check_section(flatten({"model": dataclasses.asdict(model)}), "model.")
+    check_input_size(model, model.input_size)
     return model
+
+
+# The optimiser applies lr, lr * weight_decay and their multiples as float32 factors: a larger
+# value cannot be applied at all (torch: "value cannot be converted to type float").
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _epochs(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise BadInput(f"{key}: {v!r} is not an epoch (a finite number >= 0)")
+    return v
+
+
+def _check_schedule(t: TrainConfig) -> None:
+    """The epochs and learning rates of the schedule: lists of numbers, finite, in range."""
+    example = {"milestones": "[25,51,79]", "conv1_lr_schedule": "[[67,1e-5],[72,0]]"}
+    for name in ("milestones", "conv1_lr_schedule"):
+        v = getattr(t, name)
+        if not isinstance(v, (tuple, list)):
+            raise BadInput(
+                f"train.{name}={v!r} must be a list, e.g. --set train.{name}={example[name]}"
+            )
+    for m in t.milestones:
+        _epochs("train.milestones", m)
+    for pair in t.conv1_lr_schedule:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise BadInput(
+                f"train.conv1_lr_schedule: {pair!r} is not an (epoch, lr) pair, e.g. --set "
+                f"train.conv1_lr_schedule={example['conv1_lr_schedule']}"
+            )
+        _epochs("train.conv1_lr_schedule", pair[0])
+        _check_number("train.lr", pair[1])
+    if t.lighting_off_epoch is not None:
+        _epochs("train.lighting_off_epoch", t.lighting_off_epoch)
+    # The largest factors the optimiser is given: lr times the bias and --init multipliers,
+    # and that times the weight decay.
+    lrs = [t.lr] + [lr for _, lr in t.conv1_lr_schedule]
+    factor = max(1.0, t.bias_lr_mult) * max(1.0, t.init_lr_mult) * max(1.0, t.weight_decay)
+    if max(lrs) * factor > FLOAT32_MAX:
+        raise BadInput(
+            f"train.lr={max(lrs):g} with bias_lr_mult={t.bias_lr_mult:g}, init_lr_mult="
+            f"{t.init_lr_mult:g} and weight_decay={t.weight_decay:g} makes a step factor "
+            f"beyond float32's range ({FLOAT32_MAX:.3g}): the optimiser cannot apply it"
+        )
 
 
 def check_profile(profile: Profile) -> Profile:
     """The profile if every value is one the program can run (finite numbers in range, known
     choices, a value per layer for the init); BadInput naming the field otherwise. Called when
     a run's configuration is resolved, before anything is written."""
+    for section in ("model", "data", "train"):
+        _check_types(getattr(profile, section), section)
     flat = flatten(profile.to_dict())
     for section in ("model.", "data.", "train."):
         _check_section(flat, section)
+    _check_schedule(profile.train)
+    check_input_size(profile.model, profile.model.input_size)
+    crop, size = profile.data.crop_size, profile.model.input_size
+    if profile.model.layout == "two-tower" and crop != size:
+        raise BadInput(
+            f"data.crop_size {crop} differs from model.input_size {size}: the network takes "
+            f"the views' {crop}x{crop} crops only at {size}x{size}; set both"
+        )
+    if profile.model.layout != "two-tower":
+        check_input_size(profile.model, crop, "data.crop_size")
     for what in ("init_std", "init_bias"):
         values = getattr(profile.model, what)
         needed = set(LAYERS) | ({"conv6"} if profile.model.conv6 else set())
@@ -559,6 +666,4 @@ def check_profile(profile: Profile) -> Profile:
             f"data.crop_size {profile.data.crop_size} is larger than data.image_size "
             f"{profile.data.image_size}"
         )
-    for _epoch, lr in profile.train.conv1_lr_schedule:
-        _check_number("train.lr", lr)
     return profile

@@ -10,19 +10,36 @@ the checkpoint will be logged again. TensorBoard's event files are cut back alik
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import os
+import socket
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from torch.utils.tensorboard import SummaryWriter
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+from tensorboard.summary.writer.record_writer import RecordWriter
+from torch.utils.tensorboard.summary import scalar, text
 from tqdm import tqdm
 
-from alexnet.errors import BadInput
+from alexnet.errors import BadInput, CannotWrite
 from alexnet.fileio import write_text
 from alexnet.plots import plot_curves
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError while writing `path` (the disk full, a quota, a read-only folder) as
+    CannotWrite: one line naming the file."""
+    try:
+        yield
+    except OSError as e:
+        raise CannotWrite(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def read_metrics(path: str | Path, drop_torn_tail: bool = False) -> list[dict[str, Any]]:
@@ -63,6 +80,69 @@ def _after_in_name_order(files: list[Path]) -> None:
             time.sleep(wait)
 
 
+_EVENT_FILES = itertools.count()  # this process's event files, for unique names
+
+
+class EventFile:
+    """A TensorBoard event file, written in the calling thread and flushed at each call, so
+    that a write that fails (a full disk) is CannotWrite where the run logs, one line.
+    (torch's SummaryWriter writes from a thread of its own: there a full disk ended that
+    thread with one traceback and the training loop, at its next write, with another.) The
+    name and records are SummaryWriter's: TensorBoard reads the files in name order."""
+
+    def __init__(self, folder: Path, purge_step: int | None = None):
+        host, pid, n = socket.gethostname(), os.getpid(), next(_EVENT_FILES)
+        self.path = Path(folder) / f"events.out.tfevents.{int(time.time()):010d}.{host}.{pid}.{n}"
+        self._records: RecordWriter | None = None
+        with _writing(self.path):
+            self._records = RecordWriter(open(self.path, "xb"))  # noqa: SIM115 (closed in close)
+        self._add(Event(file_version="brain.Event:2"))
+        if purge_step is not None:
+            # TensorBoard drops the events of this folder's earlier files from purge_step on.
+            self._add(Event(step=purge_step, file_version="brain.Event:2"))
+            self._add(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+        self.flush()
+
+    def _add(self, event: Event) -> None:
+        if self._records is None:
+            return  # closed after a failed write
+        if not event.wall_time:
+            event.wall_time = time.time()
+        with self._failing_closes():
+            self._records.write(event.SerializeToString())
+
+    @contextlib.contextmanager
+    def _failing_closes(self) -> Iterator[None]:
+        """A failed write closes the file (its error once, not again at close) and raises
+        CannotWrite."""
+        try:
+            with _writing(self.path):
+                yield
+        except CannotWrite:
+            records, self._records = self._records, None
+            with contextlib.suppress(OSError):
+                records.close()
+            raise
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._add(Event(step=int(step), summary=scalar(tag, value)))
+
+    def add_text(self, tag: str, value: str, step: int) -> None:
+        self._add(Event(step=int(step), summary=text(tag, value)))
+
+    def flush(self) -> None:
+        if self._records is not None:
+            with self._failing_closes():
+                self._records.flush()
+
+    def close(self) -> None:
+        if self._records is not None:
+            self.flush()
+            records, self._records = self._records, None
+            with _writing(self.path):
+                records.close()
+
+
 class RunLog:
     """The observability of one run (see the module docstring). `main`: rank 0, which writes."""
 
@@ -82,12 +162,12 @@ class RunLog:
         earlier = list(self.out.glob("events.out.tfevents.*"))
         if earlier:
             _after_in_name_order(earlier)
-        self.tb = SummaryWriter(str(self.out), purge_step=step + 1 if earlier else None)
+        self.tb = EventFile(self.out, purge_step=step + 1 if earlier else None)
 
     def close(self) -> None:
         if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+            tb, self.tb = self.tb, None
+            tb.close()
 
     def truncate(self, epochs_done: int, step: int) -> None:
         """Drop what was logged after the checkpoint being resumed: it will run again."""
@@ -103,7 +183,7 @@ class RunLog:
         write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in keep))
 
     def _append(self, rec: dict[str, Any]) -> None:
-        with open(self.metrics, "a") as f:
+        with _writing(self.metrics), open(self.metrics, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
     def bar(self, total: int, initial: int, desc: str):
@@ -121,6 +201,7 @@ class RunLog:
             self.tb.add_scalar("train/loss", loss, step)
             self.tb.add_scalar("train/lr", lr, step)
             self.tb.add_scalar("train/images_per_s", rate, step)
+            self.tb.flush()  # a full disk is an error now, not in a minute
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2g}", img_s=f"{rate:.0f}")
         else:
@@ -141,6 +222,7 @@ class RunLog:
             self.tb.add_scalar("val/at_chance", float(at_chance), epoch)
             if rec.get("warning"):
                 self.tb.add_text("warning", rec["warning"], epoch)
+            self.tb.flush()
         print(
             f"epoch {epoch}: val top-1 error {rec['val_top1_error']:.2%}, "
             f"top-5 {rec['val_top5_error']:.2%}, loss {rec['val_loss']:.4f}"
@@ -149,7 +231,8 @@ class RunLog:
         )
         if rec.get("warning"):
             print(f"WARNING: {rec['warning']}", file=sys.stderr, flush=True)
-        plot_curves(read_metrics(self.metrics), self.out / "curves.png")
+        with _writing(self.out / "curves.png"):
+            plot_curves(read_metrics(self.metrics), self.out / "curves.png")
 
     def epoch_train_loss(self, epoch: int) -> float | None:
         """The mean of the logged training losses of epoch `epoch` (1-based)."""

@@ -7,12 +7,23 @@ import json
 import sys
 from pathlib import Path
 
+from alexnet.commands.outputs import check_output
 from alexnet.devices import resolve_device
 from alexnet.errors import BadInput
 from alexnet.evaluate import evaluate_networks, import_torchvision, predict_networks, read_classes
 
 
+def at_least(value: int | None, lowest: int, flag: str) -> None:
+    """BadInput unless the flag was not given or is an integer >= lowest (argparse made it an
+    int): `--batch-size 0` is an error, not the default."""
+    if value is not None and value < lowest:
+        raise BadInput(f"{flag} must be at least {lowest}, got {value}")
+
+
 def run_evaluate(args) -> int:
+    at_least(args.batch_size, 1, "--batch-size")
+    at_least(args.workers, 0, "--workers")
+    at_least(args.limit, 1, "--limit")
     device = resolve_device(args.device)
     r = evaluate_networks(
         args.weights,
@@ -60,6 +71,7 @@ def run_evaluate(args) -> int:
 
 
 def run_predict(args) -> int:
+    at_least(args.topk, 1, "--topk")
     device = resolve_device(args.device)
     weights, images = split_networks(args.paths)
     results = predict_networks(weights, images, args.topk, args.views, device)
@@ -94,6 +106,7 @@ def print_predictions(results: list[dict]) -> None:
 
 
 def run_import_torchvision(args) -> int:
+    check_output(args.out, "OUT", folder=not args.out.endswith(".safetensors"))
     out = import_torchvision(args.state_dict, args.out)
     print(f"wrote {out}; try: alexnet predict {out} IMAGE.jpg")
     return 0

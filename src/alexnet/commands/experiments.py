@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from alexnet.commands.outputs import check_output
 from alexnet.config import get_profile
 from alexnet.data.sources import FASHION_MNIST_DIR
 from alexnet.devices import resolve_device
@@ -316,7 +317,9 @@ def finetune_config(args) -> finetune.FinetuneConfig:
         out=args.out,
         source=args.fashion_mnist,
         profile=args.profile,
-        pretrain_images=args.pretrain_images or base["pretrain_images"],
+        pretrain_images=(
+            args.pretrain_images if args.pretrain_images is not None else base["pretrain_images"]
+        ),
         budgets=budgets,
         seeds=args.seeds if args.seeds is not None else base["seeds"],
         store_limit=base["store_limit"],
@@ -430,6 +433,10 @@ def register_neighbors(sub) -> None:
 
 
 def run_report(args) -> int:
+    if Path(args.run).is_dir():  # (else build_report says it is not a run folder)
+        page = Path(args.out or Path(args.run) / "report.html")
+        check_output(page, "--out", folder=False)
+        check_output(page.with_name(page.stem + "_files"), "--out")  # its figures
     device = str(resolve_device(args.device))
     page = report.build_report(
         args.run, args.out, args.data, args.images, args.train_limit or None, device

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alexnet.commands.outputs import check_output
 from alexnet.data.images import MAX_PIXELS
 from alexnet.data.prepare import DEFAULT_QUALITY, ENCODINGS, prepare_store
 from alexnet.data.sources import FASHION_MNIST_DIR, KINDS, download_fashion_mnist, idx_file
@@ -12,6 +13,7 @@ from alexnet.fileio import MAX_FILE_BYTES
 
 
 def run_prepare(args) -> int:
+    check_output(args.out, "OUT")  # before SRC is listed (minutes for ImageNet)
     if args.src is None:
         if args.kind not in (None, "fashion-mnist"):
             raise BadInput(f"--kind {args.kind} needs SRC: alexnet prepare SRC OUT")

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
-from alexnet.config import PROFILES, apply_overrides, get_profile, profile_differences
+from alexnet.config import (
+    PROFILES,
+    apply_overrides,
+    check_input_size,
+    check_model_config,
+    get_profile,
+    profile_differences,
+)
+from alexnet.errors import BadInput
 from alexnet.summary import summarize
 
 
 def run_summary(args) -> int:
     profile = apply_overrides(get_profile(args.profile), args.set)
-    s = summarize(profile, args.input, args.num_classes)
+    if args.input is not None:  # the network for that input side
+        check_input_size(profile.model, args.input, "--input")
+        model = dataclasses.replace(profile.model, input_size=args.input)
+        profile = dataclasses.replace(profile, model=model)
+    if args.num_classes < 1:
+        raise BadInput(f"--num-classes must be at least 1, got {args.num_classes}")
+    check_model_config(profile.model)  # an input size the network takes, before building it
+    s = summarize(profile, None, args.num_classes)
     if args.json:
         print(json.dumps(s, indent=2))
         return 0

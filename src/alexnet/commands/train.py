@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
 
 from alexnet import distributed
+from alexnet.commands.outputs import make_output_folder, refuse_store
 from alexnet.config import (
     PROFILES,
     Profile,
     apply_overrides,
     check_profile,
+    flatten,
     get_profile,
     replace_checked,
 )
@@ -38,14 +41,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="the global batch (split over ranks)")
     p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="(default 0)")
     p.add_argument(
         "--resume",
         nargs="?",
         const=True,
         default=False,
         metavar="RUN",
-        help="continue RUN (or --out) from its last checkpoint, exactly",
+        help="continue RUN (or --out) from its last checkpoint, exactly, with the recipe and "
+        "settings its config.json records (--epochs, --device, --workers, --decode and "
+        "--max-steps apply; other flags that differ are named in a warning and ignored)",
     )
     p.add_argument(
         "--set",
@@ -74,8 +79,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-fast", action="store_true", help="float32 and default memory format")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
-    p.add_argument("--log-every", type=int, default=20, metavar="STEPS")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=None, metavar="STEPS", help="(default 0)"
+    )
+    p.add_argument("--log-every", type=int, default=None, metavar="STEPS", help="(default 20)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
     p.add_argument(
         "--val-limit",
@@ -104,7 +111,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--init-stats",
         choices=("store", "init"),
-        default="store",
+        default=None,
         help="the mean image and colour statistics of the training store (default, as the paper "
         "fine-tuned with ILSVRC-2012's own mean) or those saved with the --init weights",
     )
@@ -140,6 +147,14 @@ def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
             profile = dataclasses.replace(
                 profile, train=dataclasses.replace(profile.train, epochs=args.epochs)
             )
+        ignored = ignored_on_resume(args, out, profile, run)
+        if ignored and distributed.env_rank() == 0:
+            print(
+                f"warning: --resume {out} goes on with the recipe and settings its config.json "
+                f"records; ignored: {', '.join(ignored)}. To change them, start a new run from "
+                f"its weights: --init {out} --out NEW_RUN",
+                file=sys.stderr,
+            )
         run = dataclasses.replace(run, **changes)
         return check_profile(profile), check_run_config(run), True
     if not args.data or not args.out:
@@ -169,22 +184,107 @@ def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
     run = RunConfig(
         data=args.data,
         out=str(out),
-        seed=args.seed,
+        seed=args.seed if args.seed is not None else 0,
         device=args.device,
         model_parallel=args.model_parallel or 1,
         workers=args.workers,
         decode=args.decode or "auto",
         fast=not args.no_fast,
         compile=args.compile,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every if args.checkpoint_every is not None else 0,
+        log_every=args.log_every if args.log_every is not None else 20,
         max_steps=args.max_steps,
         val_limit=args.val_limit,
         init=args.init or "",
-        init_stats=args.init_stats,
+        init_stats=args.init_stats or "store",
     )
     # Every value checked before anything is written (`--lr nan` writes nothing).
     return check_profile(profile), check_run_config(run), False
+
+
+# The profile fields that flags of their own set (the others: --set SECTION.FIELD=VALUE).
+_TRAIN_FLAGS = {
+    "train.batch_size": "--batch-size",
+    "train.lr": "--lr",
+    "train.init_lr_mult": "--init-lr-mult",
+    "train.freeze_until": "--freeze-until",
+}
+
+
+def _same_path(a: str, b: str) -> bool:
+    return a == b or Path(a).resolve() == Path(b).resolve()
+
+
+def ignored_on_resume(args, out: Path, profile: Profile, run: RunConfig) -> list[str]:
+    """The flags given with --resume that ask for something other than the run's config.json
+    records, each as "FLAG VALUE (the run's: VALUE)": a resumed run goes on with its own
+    recipe and settings, so they are ignored. Flags that agree with it (a torchrun restart
+    repeats the run's own command line) are not named."""
+    ignored = []
+    if args.profile is not None and args.profile != profile.name:
+        ignored.append(f"--profile {args.profile} (the run's: {profile.name})")
+    over = {
+        field: getattr(args, field)
+        for field in ("batch_size", "lr", "init_lr_mult")
+        if getattr(args, field) is not None
+    }
+    asked = dataclasses.replace(profile, train=dataclasses.replace(profile.train, **over))
+    asked = apply_overrides(asked, args.set)  # a malformed --set is an error all the same
+    if args.freeze_until is not None:
+        until = asked.train.epochs if args.freeze_until == "all" else _epochs(args.freeze_until)
+        asked = dataclasses.replace(
+            asked, train=dataclasses.replace(asked.train, freeze_until=until)
+        )
+    mine, theirs = flatten(_as_json(asked.to_dict())), flatten(_as_json(profile.to_dict()))
+    set_keys = {item.partition("=")[0] for item in args.set}
+    for key, value in mine.items():
+        if key in ("name", "description") or value == theirs.get(key):
+            continue
+        flag = (
+            f"{_TRAIN_FLAGS[key]} {value}"
+            if key in _TRAIN_FLAGS and key not in set_keys
+            else f"--set {key}={value}"
+        )
+        ignored.append(f"{flag} (the run's: {theirs.get(key)})")
+    given = {
+        "--data": args.data,
+        "--out": args.out if isinstance(args.resume, str) else None,
+        "--seed": args.seed,
+        "--init": args.init,
+        "--init-stats": args.init_stats,
+        "--checkpoint-every": args.checkpoint_every,
+        "--log-every": args.log_every,
+        "--val-limit": args.val_limit,
+    }
+    recorded = {
+        "--data": run.data,
+        "--out": str(out),
+        "--seed": run.seed,
+        "--init": run.init,
+        "--init-stats": run.init_stats,
+        "--checkpoint-every": run.checkpoint_every,
+        "--log-every": run.log_every,
+        "--val-limit": run.val_limit,
+    }
+    for flag, value in given.items():
+        if value is None or value == recorded[flag]:
+            continue
+        if flag in ("--data", "--out", "--init") and recorded[flag]:
+            if _same_path(value, recorded[flag]):
+                continue
+        ignored.append(f"{flag} {value} (the run's: {recorded[flag] or 'none'})")
+    if args.no_fast and run.fast:
+        ignored.append("--no-fast (the run's: fast)")
+    if args.compile is not None and args.compile != run.compile:
+        ignored.append(
+            f"--{'' if args.compile else 'no-'}compile (the run's: "
+            f"{'default' if run.compile is None else run.compile})"
+        )
+    return ignored
+
+
+def _as_json(x):
+    return json.loads(json.dumps(x, default=str))
 
 
 def _lock_run_folder(held: contextlib.ExitStack, profile, run, resume: bool) -> bool:
@@ -194,9 +294,30 @@ def _lock_run_folder(held: contextlib.ExitStack, profile, run, resume: bool) -> 
     out = Path(run.out)
     if not resume:
         open_store(run.data)  # a wrong --data is an error before the folder is made
-        out.mkdir(parents=True, exist_ok=True)
+        refuse_store(out, "--out")
+        make_output_folder(out, "--out")
     held.enter_context(exclusive_lock(out))
     return resume or run_not_started(out, profile, run)
+
+
+def check_freeze(trainer: Trainer) -> None:
+    """--freeze-until keeps the layers loaded by --init still: with an --init that loaded every
+    layer nothing trains meanwhile. Refused when that is the whole run, else a warning."""
+    t = trainer.profile.train
+    groups = trainer.optimizer.param_groups
+    if not t.freeze_until or not groups or not all(g.get("loaded") for g in groups):
+        return
+    what = f"--init {trainer.run.init} loaded every layer (fc8 too: the same classes)"
+    if t.freeze_until >= t.epochs:
+        raise BadInput(
+            f"{what}, and --freeze-until {t.freeze_until:g} keeps them still for the whole "
+            f"run of {t.epochs} epochs: nothing would train. Give a smaller --freeze-until"
+        )
+    if trainer.is_main:
+        print(
+            f"warning: {what}: nothing trains until epoch {t.freeze_until:g} (--freeze-until)",
+            file=sys.stderr,
+        )
 
 
 def _epochs(text: str) -> float:
@@ -228,6 +349,8 @@ def run_train(args) -> int:
             run.device, requested=args.distributed, model_parallel=run.model_parallel
         ) as dist:
             trainer = Trainer(profile, run, resume=resume, dist=dist)
+            if not resume:
+                check_freeze(trainer)
             try:
                 result = trainer.fit()
             except FloatingPointError as e:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -316,6 +317,17 @@ def _worker_message(e: BaseException) -> str:
     return last[len(head) :] if last.startswith(head) else last
 
 
+def _worker_init(worker_id: int) -> None:
+    """A loader worker ignores SIGINT and SIGTERM: they are the training process's to act on.
+    Ctrl-C and Slurm's scancel (systemd too) signal the whole process group; a worker that
+    died of it first made the trainer fail ("DataLoader worker ... killed by signal") before
+    its own handler could save a checkpoint, and one that inherited that handler printed the
+    interrupt line once more. The trainer stops its workers itself (close), and a worker
+    whose parent is gone exits (DataLoader's watchdog)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _as_is(batch):
     """The batch exactly as the worker made it (the default would turn arrays into tensors)."""
     return batch
@@ -360,6 +372,7 @@ class _Workers:
                 prefetch_factor=2,
                 persistent_workers=True,
                 collate_fn=_as_is,
+                worker_init_fn=_worker_init,
                 # Its own generator: creating an iterator draws a seed, which from torch's global
                 # generator would shift the dropout masks with the number of workers and passes
                 # (the views are hashed and need no seed).

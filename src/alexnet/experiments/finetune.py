@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from alexnet.config import apply_overrides, get_profile
+from alexnet.config import apply_overrides, check_profile, get_profile
 from alexnet.data import open_store, prepare_store
 from alexnet.data.sources import FASHION_MNIST_DIR
 from alexnet.errors import BadInput
@@ -72,13 +72,12 @@ def _stores(cfg: FinetuneConfig) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def _profile(cfg: FinetuneConfig, images: int, sets: tuple[str, ...] = ()):
+def _profile(cfg: FinetuneConfig, images: int, sets: tuple[str, ...] = (), what: str = ""):
     """The recipe for a budget of `images` training images: one epoch of them."""
     p = apply_overrides(get_profile(cfg.profile), list(sets))
     if images < p.train.batch_size:
-        raise BadInput(
-            f"a budget of {images} images is less than one batch of {p.train.batch_size}"
-        )
+        what = what or f"a budget of {images} images"
+        raise BadInput(f"{what} is less than one batch of {p.train.batch_size}")
     train = dataclasses.replace(p.train, epochs=1, epoch_images=images)
     return dataclasses.replace(p, train=train)
 
@@ -124,10 +123,24 @@ def read_json_roundtrip(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Runs (or resumes) the pre-training and every pair; writes OUT/finetune.{json,md,png}."""
+def check_finetune_config(cfg: FinetuneConfig) -> tuple[str, ...]:
+    """Every value checked before anything is prepared or trained (a budget below one batch,
+    or an --init-lr-mult the optimiser cannot apply, used to stop the command only after the
+    pre-training); returns the fine-tuned arm's --set overrides."""
     if cfg.seeds < 1 or not cfg.budgets:
         raise BadInput("--seeds must be at least 1 and --budgets name at least one budget")
+    sets = (f"train.init_lr_mult={cfg.init_lr_mult}",)
+    check_profile(
+        _profile(cfg, cfg.pretrain_images, what=f"--pretrain-images {cfg.pretrain_images}")
+    )
+    for n in cfg.budgets:
+        check_profile(_profile(cfg, n, sets))
+    return sets
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Runs (or resumes) the pre-training and every pair; writes OUT/finetune.{json,md,png}."""
+    sets = check_finetune_config(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     store_a, store_b = _stores(cfg)
@@ -139,7 +152,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     pre = _run(cfg, "pretrain-A", store_a, _profile(cfg, cfg.pretrain_images), seed=0)
     bar.update(1)
     weights = str(out / "runs" / "pretrain-A" / "model.safetensors")
-    sets = (f"train.init_lr_mult={cfg.init_lr_mult}",)
     rows = []
     for n in cfg.budgets:
         for seed in range(cfg.seeds):
