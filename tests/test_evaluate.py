@@ -39,8 +39,10 @@ def random_weights(tiny_store, tmp_path_factory):
 def test_ten_view_evaluation_matches_an_independent_computation(tiny_store, random_weights):
     store = data.open_store(tiny_store)
     loaded = load_model(random_weights)
-    loader = data.make_eval_loader(store, loaded.profile.data, batch_size=5, views=10, workers=0)
-    got = evaluate_model(loaded.model, loader, views=10)
+    loader = data.make_eval_loader(
+        store, loaded.run_info.profile.data, batch_size=5, views=10, workers=0
+    )
+    got = evaluate_model(loaded, loader, views=10)
 
     # Independently: each stored image minus the mean image, ten_crop, softmax, average (Sec. 4.1).
     labels = store.labels("val")
@@ -49,7 +51,7 @@ def test_ten_view_evaluation_matches_an_independent_computation(tiny_store, rand
         for i in range(store.size("val")):
             img = store.image("val", i).astype(np.float64) - store.stats.mean_image
             views = data.ten_crop(torch.from_numpy(img).permute(2, 0, 1).float(), 224)
-            probs.append(loaded.model(views).softmax(1).mean(0).double())
+            probs.append(loaded(views).softmax(1).mean(0).double())
     probs = torch.stack(probs)
     y = torch.from_numpy(labels)
     top1 = (probs.argmax(1) != y).double().mean().item()
@@ -111,10 +113,10 @@ def test_predict_real_photos_and_a_broken_file(random_weights, photos, capsys):
         preds = r["predictions"]
         assert len(preds) == 2 and preds[0]["probability"] >= preds[1]["probability"]
         # Against the model on the paper's preprocessing of the same file.
-        x = data.preprocess(r["path"], loaded.profile.data, loaded.stats)
+        x = data.preprocess(r["path"], loaded.run_info.profile.data, loaded.run_info.stats)
         with torch.no_grad():
-            p = loaded.model(x[None]).softmax(1)[0]
-        assert preds[0]["class"] == loaded.classes[int(p.argmax())]
+            p = loaded(x[None]).softmax(1)[0]
+        assert preds[0]["class"] == loaded.run_info.classes[int(p.argmax())]
         assert preds[0]["probability"] == pytest.approx(float(p.max()), rel=1e-4)
 
 
@@ -127,10 +129,10 @@ def test_import_torchvision_round_trip(tmp_path, photos):
         == 0
     )  # noqa: E501
     loaded = load_model(tmp_path / "tv")
-    assert len(loaded.classes) == 1000 and loaded.classes[0] == "tench"
+    assert len(loaded.run_info.classes) == 1000 and loaded.run_info.classes[0] == "tench"
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        assert torch.equal(loaded.model(x), ref(x))
+        assert torch.equal(loaded(x), ref(x))
     # torchvision's own preprocessing (Resize 256, CenterCrop 224, Normalize) gives the same input.
     tf = torchvision.transforms.Compose([
         torchvision.transforms.Resize(256),
@@ -139,7 +141,9 @@ def test_import_torchvision_round_trip(tmp_path, photos):
         torchvision.transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
     ])  # fmt: skip
     img = Image.open(photos / "coffee.png").convert("RGB")
-    ours = data.preprocess(photos / "coffee.png", loaded.profile.data, loaded.stats)
+    ours = data.preprocess(
+        photos / "coffee.png", loaded.run_info.profile.data, loaded.run_info.stats
+    )
     assert (ours - tf(img)).abs().mean() < 0.05  # resampling filters differ slightly
 
 
@@ -177,7 +181,7 @@ def test_ensemble_is_the_average_of_softmaxes_over_views_then_networks(tiny_stor
     y = torch.from_numpy(store.labels("val"))
     per_net = []
     for path in nets:
-        model = load_model(path).model
+        model = load_model(path)
         rows = []
         with torch.no_grad():
             for i in range(store.size("val")):
@@ -224,9 +228,9 @@ def test_predict_with_an_ensemble_averages_softmaxes(tiny_store, tmp_path, capsy
     probs = []
     for path in nets:
         loaded = load_model(path)
-        x = data.preprocess(str(img), loaded.profile.data, loaded.stats, views=10)
+        x = data.preprocess(str(img), loaded.run_info.profile.data, loaded.run_info.stats, views=10)
         with torch.no_grad():
-            probs.append(loaded.model(x).softmax(1).double().mean(0))
+            probs.append(loaded(x).softmax(1).double().mean(0))
     mean = (probs[0] + probs[1]) / 2
     expect = [store.classes[i] for i in mean.argsort(descending=True).tolist()]
     assert [p["class"] for p in got[0]["predictions"]] == expect

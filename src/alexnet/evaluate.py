@@ -33,8 +33,9 @@ from alexnet.speed import FastMode, autocast, default_fast_mode, prepare_model
 
 
 @dataclass
-class LoadedModel:
-    model: torch.nn.Module
+class RunInfo:
+    """What a weights file says of its network: `load_model(...).run_info`."""
+
     profile: Profile
     classes: list[str]
     stats: Preprocess
@@ -50,8 +51,10 @@ def weights_path(run_or_weights: str | Path) -> Path:
     return p
 
 
-def load_model(run_or_weights: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """A run folder or a weights file (safetensors: never runs code) -> the model, eval mode."""
+def load_model(run_or_weights: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A run folder or a weights file (safetensors: never runs code) -> the network (the plain
+    form, alexnet.model), eval mode, with what the file says of it on `.run_info` (RunInfo:
+    profile, classes, preprocessing statistics, path)."""
     path = weights_path(run_or_weights)
     tensors, meta = checkpoint.load_weights(path)  # checksum and finiteness verified
     try:
@@ -70,7 +73,8 @@ def load_model(run_or_weights: str | Path, device: str | torch.device = "cpu") -
     model = build_model(profile, num_classes=len(classes), devices=[device])
     described = f"its metadata describes (profile {profile.name}, {len(classes)} classes)"
     checkpoint.load_into(model, state, path, described)
-    return LoadedModel(model.eval(), profile, classes, stats, path)
+    model.run_info = RunInfo(profile, classes, stats, path)
+    return model.eval()
 
 
 @torch.no_grad()
@@ -165,7 +169,7 @@ def evaluate_model(
 
 
 def evaluate_store(
-    loaded: LoadedModel,
+    loaded: torch.nn.Module,
     data: str | Path,
     split: str = "val",
     views: int = 1,
@@ -191,7 +195,7 @@ def evaluate_store(
     check_classes(loaded, store, ignore_class_names)
     loader = make_eval_loader(
         store,
-        loaded.profile.data,
+        loaded.run_info.profile.data,
         batch_size=batch_size or max(1, 128 // views),
         views=views,
         split=split,
@@ -202,7 +206,7 @@ def evaluate_store(
     # As training validates: bf16 autocast and channels_last where faster (speed.py).
     mode = default_fast_mode(device) if fast else FastMode()
     mode = dataclasses.replace(mode, compile=False)
-    model = prepare_model(loaded.model, mode)
+    model = prepare_model(loaded, mode)
     r = evaluate_model(
         model,
         loader,
@@ -211,21 +215,28 @@ def evaluate_store(
         device=device,
         progress=progress,
         total=len(spread_indices(store.size(split), limit)),
-        num_classes=len(loaded.classes) if per_class else None,
+        num_classes=len(loaded.run_info.classes) if per_class else None,
         keep_probs=keep_probs,
     )
-    r.update({"weights": str(loaded.path), "data": str(data), "split": split, "mode": mode.label})
+    r.update(
+        {
+            "weights": str(loaded.run_info.path),
+            "data": str(data),
+            "split": split,
+            "mode": mode.label,
+        }
+    )
     return r
 
 
-def check_classes(loaded: LoadedModel, store, ignore_class_names: bool = False) -> None:
+def check_classes(loaded: torch.nn.Module, store, ignore_class_names: bool = False) -> None:
     """BadInput unless the weights were trained on the store's classes, in its order: the same
     number of classes is not enough (a 10-class Fashion-MNIST net on CIFAR-10 would report a
     meaningless error). `ignore_class_names`: the same number suffices (a store whose classes
     were renamed)."""
     same_classes(
-        loaded.classes,
-        loaded.path,
+        loaded.run_info.classes,
+        loaded.run_info.path,
         store,
         ignore_class_names=ignore_class_names,
         remedy="--ignore-class-names evaluates anyway, matching classes by number",
@@ -341,7 +352,7 @@ def evaluate_networks(
         loaded = load_model(m, device)
         r = evaluate_store(loaded, data, split, views, device=device, keep_probs=True, **kw)
         probs, y = r.pop("probs"), r.pop("labels")
-        check_outputs(loaded.path, probs, i, len(members))
+        check_outputs(loaded.run_info.path, probs, i, len(members))
         del loaded
         total = probs.double() if total is None else total + probs.double()
         if labels is not None and not torch.equal(labels, y):  # each member's loader: same order
@@ -380,7 +391,7 @@ def check_outputs(path: Path, probs: torch.Tensor, member: int = 0, of: int = 1)
 
 
 def image_probabilities(
-    loaded: LoadedModel, paths: list[str], views: int = 1, device="cpu"
+    loaded: torch.nn.Module, paths: list[str], views: int = 1, device="cpu"
 ) -> list[torch.Tensor | str]:
     """Per image file: the network's softmax averaged over the views (Sec. 4.1), or the reason
     the file cannot be read (a string), in the order given."""
@@ -389,7 +400,7 @@ def image_probabilities(
         try:
             if not Path(path).exists():
                 raise ValueError("no such file")
-            x = preprocess(path, loaded.profile.data, loaded.stats, views=views)
+            x = preprocess(path, loaded.run_info.profile.data, loaded.run_info.stats, views=views)
         except (ValueError, OSError) as e:
             msg = str(e).splitlines()[0]
             # The reason alone: the result (and the printed line) name the path already.
@@ -397,7 +408,7 @@ def image_probabilities(
             continue
         x = x.reshape(-1, *x.shape[-3:]).to(device)
         with torch.no_grad():
-            out.append(loaded.model(x).float().softmax(1).mean(0).cpu())
+            out.append(loaded(x).float().softmax(1).mean(0).cpu())
     return out
 
 
@@ -410,7 +421,7 @@ def _top(probs: torch.Tensor, classes: list[str], topk: int) -> list[dict[str, A
 
 
 def predict_images(
-    loaded: LoadedModel, paths: list[str], topk: int = 5, views: int = 1, device="cpu"
+    loaded: torch.nn.Module, paths: list[str], topk: int = 5, views: int = 1, device="cpu"
 ):
     """[{path, predictions: [{class, probability}]} or {path, error}] in the order given."""
     results = []
@@ -418,7 +429,7 @@ def predict_images(
         if isinstance(r, str):
             results.append({"path": path, "error": r})
         else:
-            results.append({"path": path, "predictions": _top(r, loaded.classes, topk)})
+            results.append({"path": path, "predictions": _top(r, loaded.run_info.classes, topk)})
     return results
 
 
@@ -435,8 +446,8 @@ def predict_networks(
         probs = image_probabilities(loaded, paths, views, device)
         read = [p for p in probs if not isinstance(p, str)]
         if read:
-            check_outputs(loaded.path, torch.stack(read), i, len(members))
-        per_member.append((str(loaded.path), probs))
+            check_outputs(loaded.run_info.path, torch.stack(read), i, len(members))
+        per_member.append((str(loaded.run_info.path), probs))
         del loaded
     results = []
     for i, path in enumerate(paths):

@@ -334,6 +334,11 @@ def local_response_norm(
     return _fwd(x, int(size), int(groups), float(k), float(alpha), float(beta), bool(relu))
 
 
+# torch.fx's symbolic tracing (torchvision's create_feature_extractor) records a call of this
+# function as one node instead of tracing its shape checks (a Proxy has no shape).
+torch.fx.wrap("local_response_norm")
+
+
 def tracing() -> bool:
     """Inside torch.compile, torch.export, jit tracing or an ONNX export: hand-written autograd
     and its kernels give way to the plain ops, which these trace and fuse themselves."""

@@ -50,15 +50,18 @@ META = torch.device("meta")
 
 
 def activation(kind: str) -> nn.Module:
-    """Sec. 3.1: ReLU (in place, as torchvision's: every one follows a conv, linear or pool whose
-    backward does not need its output); tanh for Figure 1's comparison."""
-    return nn.ReLU(inplace=True) if kind == "relu" else nn.Tanh()
+    """Sec. 3.1: ReLU; tanh for Figure 1's comparison. Not in place (torchvision's are): a full
+    backward hook on the layer before it would refuse an output modified in place."""
+    return nn.ReLU() if kind == "relu" else nn.Tanh()
 
 
 def dropout_mask(total: int, width: int, rows: tuple[int, int], p: float, device) -> torch.Tensor:
     """The units kept, one mask for the whole layer: (rows) of a (total, width) draw."""
     first, n = rows
     return torch.rand(total, width, device=device)[first : first + n] >= p
+
+
+torch.fx.wrap("dropout_mask")  # one node in torch.fx's symbolic traces (feature extraction)
 
 
 class Dropout(nn.Module):

@@ -166,7 +166,7 @@ def run_kernels(run: str | Path, out: str | Path | None = None, scale: int = 4) 
     loaded = load_model(run, "cpu")
     out = Path(out) if out else (Path(run) if Path(run).is_dir() else Path(run).parent)
     out.mkdir(parents=True, exist_ok=True)
-    model = loaded.model
+    model = loaded
     w = conv1_weights(model)
     blocks = tower_slices(model, w.shape[0])
     img, lay = kernel_grid(w, blocks, scale=scale)
@@ -175,9 +175,9 @@ def run_kernels(run: str | Path, out: str | Path | None = None, scale: int = 4) 
     rep.update(
         {
             "figure": "Figure 3 (Krizhevsky et al. 2012): conv1 kernels",
-            "weights": str(loaded.path),
-            "profile": loaded.profile.name,
-            "layout": loaded.profile.model.layout,
+            "weights": str(loaded.run_info.path),
+            "profile": loaded.run_info.profile.name,
+            "layout": loaded.run_info.profile.model.layout,
             "towers_in_model": getattr(model.config, "towers", 1),
             "definition": "chroma share of a kernel w (3,h,w): ||w - L||^2 / ||w||^2 with "
             "L = mean of w over R,G,B at each pixel; 0 = grey (colour-agnostic), 1 = pure "

@@ -53,11 +53,11 @@ def train_features(
 ) -> tuple[np.ndarray, Path]:
     """fc7 features (N, 4096) of the first `limit` images of `split` (all: None), cached."""
     n = store.size(split) if limit is None else min(limit, store.size(split))
-    wsha = file_sha256(loaded.path)
+    wsha = file_sha256(loaded.run_info.path)
     path = out / f"fc7-{wsha[:16]}-{store_key(store)}-{split}-{n}.npy"
     meta_path = path.with_suffix(".json")
     meta = {
-        "weights": str(loaded.path),
+        "weights": str(loaded.run_info.path),
         "weights_sha256": wsha,
         "store": str(store.path),
         "store_key": store_key(store),
@@ -72,7 +72,7 @@ def train_features(
             return np.asarray(feats), path
     loader = make_eval_loader(
         store,
-        loaded.profile.data,
+        loaded.run_info.profile.data,
         batch_size=batch_size,
         views=1,
         split=split,
@@ -82,7 +82,7 @@ def train_features(
     feats = None
     done = 0
     bar = progress(n, f"fc7 features of {split}", unit="img")
-    model = loaded.model.eval()
+    model = loaded.eval()
     for x, _ in loader:
         if done >= n:
             break
@@ -106,11 +106,11 @@ def query_features(loaded, store, split: str, indices: list[int], device="cpu"):
     """(fc7 features (Q, 4096), softmax probabilities (Q, classes)) of chosen images."""
     x = torch.stack(
         [
-            preprocess(store.image(split, i), loaded.profile.data, store.stats, views=1)
+            preprocess(store.image(split, i), loaded.run_info.profile.data, store.stats, views=1)
             for i in indices
         ]
     ).to(device)
-    model = loaded.model.eval()
+    model = loaded.eval()
     feats = model.feature_vector(x, "fc7").float().cpu().numpy()
     probs = model(x).float().softmax(1).cpu().numpy()
     return feats, probs
@@ -177,9 +177,10 @@ def run_neighbors(
         raise BadInput(f"{data}: no split {split!r} (it has {store.splits})")
     if "train" not in store.splits:
         raise BadInput(f"{data}: no 'train' split to search")
-    if store.num_classes != len(loaded.classes):
+    if store.num_classes != len(loaded.run_info.classes):
         raise BadInput(
-            f"the weights have {len(loaded.classes)} classes, the store {store.num_classes}"
+            f"the weights have {len(loaded.run_info.classes)} classes, "
+            f"the store {store.num_classes}"
         )
     if k < 1:
         raise BadInput("--k must be at least 1")
@@ -220,7 +221,7 @@ def run_neighbors(
     result = {
         "figure": "Figure 4 (Krizhevsky et al. 2012): fc7 nearest neighbours"
         + (" and top-5 predictions" if top5 else ""),
-        "weights": str(loaded.path),
+        "weights": str(loaded.run_info.path),
         "store": str(store.path),
         "split": split,
         "k": int(nn_idx.shape[1]),
