@@ -5,7 +5,9 @@
     alexnet.fast.unfuse(model)             # the plain network back, the same modules
 
 `fuse` turns each conv block's tail into one module, kept at the first stage's name, the others
-left as nn.Identity (as fuse_modules does):
+left as nn.Identity (as fuse_modules does), and the input's padding into one copy:
+- pad1 (the 2012 code's zero padding): `ChannelsLastPad`, the padded batch written in one copy,
+  channels_last (the operator's layout from conv1 on), in bf16 under CPU bf16 autocast;
 - ReLU -> LRN -> max-pool (the paper's conv1 and conv2 blocks, Sec. 3.1, 3.3, 3.4), or LRN ->
   max-pool (layers-145's conv1): `LRNMaxPool`, one operator on CPUs (alexnet.lrn_pool: the
   maps are read once and only the pooled maps are written), the LRN's fast form and the pool
@@ -71,6 +73,40 @@ class LRNMaxPool(FastLRN):
         return self.pool(super().forward(x))
 
 
+class ChannelsLastPad(nn.Module):
+    """pad1 (the 2012 code's zero padding of the image) written with the batch into one
+    channels_last tensor, in bfloat16 under CPU bf16 autocast (what conv1 would cast it to: the
+    same rounding of the same values): one copy of the batch where the plain stages make two or
+    three, and channels_last maps from conv1 on, which the fused operator takes."""
+
+    def __init__(self, pad: nn.ZeroPad2d):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tracing() or x.device.type != "cpu" or x.dim() != 4:
+            return self.pad(x)
+        left, right, top, bottom = self.pad.padding
+        if min(left, right, top, bottom) < 0:
+            return self.pad(x)
+        n, c, h, w = x.shape
+        dtype = x.dtype
+        if dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+        out = torch.empty(
+            (n, c, top + h + bottom, left + w + right),
+            dtype=dtype,
+            device=x.device,
+            memory_format=torch.channels_last,
+        )
+        out[:, :, top : top + h, left : left + w] = x
+        out[:, :, :top] = 0
+        out[:, :, top + h :] = 0
+        out[:, :, top : top + h, :left] = 0
+        out[:, :, top : top + h, left + w :] = 0
+        return out
+
+
 def _is_relu(m: nn.Module) -> bool:
     return type(m) is nn.ReLU
 
@@ -81,7 +117,7 @@ def fuse(model: nn.Module) -> nn.Module:
     devices) is returned as it is. Loads (building once per machine) the CPU operator, so the
     first call may take seconds."""
     names = [n for n, _ in model.named_children()]
-    if not isinstance(model, nn.Sequential) or any(isinstance(m, FastLRN) for m in model):
+    if not isinstance(model, nn.Sequential) or is_fused(model):
         return model
     if any(isinstance(m, LocalResponseNorm) for m in model):
         param = next(model.parameters(), None)
@@ -89,6 +125,9 @@ def fuse(model: nn.Module) -> nn.Module:
             lrn_pool.available()  # built and loaded now, not inside a traced forward
     for i, name in enumerate(names):
         norm = getattr(model, name)
+        if type(norm) is nn.ZeroPad2d and i == 0:
+            setattr(model, name, ChannelsLastPad(norm))
+            continue
         if type(norm) is not LocalResponseNorm:
             continue
         before = getattr(model, names[i - 1]) if i > 0 else None
@@ -109,6 +148,9 @@ def unfuse(model: nn.Module) -> nn.Module:
     names = [n for n, _ in model.named_children()]
     for i, name in enumerate(names):
         fused = getattr(model, name)
+        if isinstance(fused, ChannelsLastPad):
+            setattr(model, name, fused.pad)
+            continue
         if not isinstance(fused, FastLRN):
             continue
         parts = [fused.relu, fused.norm, getattr(fused, "pool", None)]
@@ -119,4 +161,4 @@ def unfuse(model: nn.Module) -> nn.Module:
 
 
 def is_fused(model: nn.Module) -> bool:
-    return any(isinstance(m, FastLRN) for m in model.modules())
+    return any(isinstance(m, (FastLRN, ChannelsLastPad)) for m in model.modules())

@@ -11,8 +11,9 @@ gradient once. The measured effect is in BENCHMARKS.md ("Why the code is shaped 
 A real operator, registered with torch.library: its schema and its fake (shape-only)
 implementation are defined here, so torch.compile(fullgraph=True), torch.export and
 FakeTensorMode see one op and never touch memory; its autograd formula is registered with
-torch.library.register_autograd; its CPU kernel is C++ (TORCH_LIBRARY_IMPL), compiled once per
-machine at first use against torch's headers and loaded with torch.ops.load_library.
+torch.library.register_autograd; its CPU kernel is C++ (csrc/lrn_pool.cpp, wrapped by
+TORCH_LIBRARY_IMPL in csrc/lrn_pool_op.cpp), compiled once per machine at first use against
+torch's headers and loaded with torch.ops.load_library.
 
 The build (about 5 s; measured in BENCHMARKS.md) is cached under $XDG_CACHE_HOME/alexnet/kernels
 (or ~/.cache), keyed by the source, the flags, the compiler's version, torch's version and the
@@ -51,7 +52,10 @@ from torch import nn
 
 from alexnet.fileio import file_sha256, write_text
 
-SOURCE = Path(__file__).with_name("csrc") / "lrn_pool.cpp"
+CSRC = Path(__file__).with_name("csrc")
+# The kernels and the operator wrapping them: two translation units (see lrn_pool.cpp's header).
+SOURCES = (CSRC / "lrn_pool.cpp", CSRC / "lrn_pool_op.cpp")
+HEADERS = (CSRC / "lrn_pool.h",)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c++20"]
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 MAX_SIZE = 9  # windows of up to 9 maps (size // 2 <= 4: the kernel's unrolled taps)
@@ -207,7 +211,7 @@ def _check_loads(path: Path) -> None:
 
 
 def _build(compiler: list[str]) -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
     version = subprocess.run(
         [*compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
@@ -232,7 +236,7 @@ def _build(compiler: list[str]) -> Path:
     start = time.perf_counter()
     try:
         r = subprocess.run(
-            [*compiler, str(SOURCE), *flags, "-o", tmp], capture_output=True, text=True
+            [*compiler, *map(str, SOURCES), *flags, "-o", tmp], capture_output=True, text=True
         )
         if r.returncode:
             raise RuntimeError(f"{' '.join(compiler)} failed: {r.stderr.strip()[-2000:]}")
