@@ -408,6 +408,13 @@ def format_markdown(result: dict) -> str:
         f"configuration, interleaved; medians. Optimiser {s['optimizer']}. Allocator tuned: "
         f"{s['allocator_tuned']}. Matrix peak (same run): {peaks}.",
         "- Baseline: torchvision.models.alexnet() in float32 as torchvision ships it (`fp32`).",
+        "- The two-tower nets: "
+        + (
+            "their fast form, `alexnet.fast.fuse(build_model(...))`, as `alexnet train` runs "
+            f"them (fused ReLU-LRN-pool operator loaded: {s.get('lrn_pool_kernel')})."
+            if s.get("fused", True)
+            else "the plain network, `build_model(...)` (`--unfused`)."
+        ),
         "- Modes: `cl` = channels_last input (and conv weights); `bf16` = bfloat16 autocast. "
         "GFLOP/s count 3x the forward pass's multiply-adds x 2 (conv1 needs no input "
         "gradient, so this overstates the work by ~5%): near or above 100% of the measured "
