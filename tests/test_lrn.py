@@ -282,3 +282,17 @@ def test_bfloat16_is_rounded_once_in_every_form(backend):
         out = fn(x.bfloat16(), n, alpha, beta, k, 2).double()
         err = ((out - ref).abs() / ref.abs().clamp_min(1e-3)).max()
         assert err <= 2**-8, (fn.__name__, err)  # one bf16 rounding: at most 2^-9 relative
+
+
+@pytest.mark.slow
+def test_compiling_the_lrn_leaves_torchs_global_settings_alone(backend):
+    """The fast form's compiled kernels use torch.compile as it is configured (before, the
+    first compiled LRN raised torch's process-wide recompile limit to 32)."""
+    import torch._dynamo.config as dynamo_config  # test only: the setting it must not touch
+
+    before = dynamo_config.recompile_limit
+    backend("compiled")
+    k, alpha, n, beta = PROFILES["paper"]
+    x = activations(shape=(2, 16, 5, 6), seed=8).float().requires_grad_(True)
+    fast_local_response_norm(x, n, alpha, beta, k, 2, relu=True).sum().backward()
+    assert dynamo_config.recompile_limit == before
