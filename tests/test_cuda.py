@@ -120,7 +120,7 @@ def test_compiled_lrn_bf16_channels_last_relu_matches_the_formula():
         for dtype, fmt, tol in cases:
             fmt = fmt or torch.contiguous_format
             xc = x.to(DEVICE, dtype).contiguous(memory_format=fmt).requires_grad_(True)
-            out = lrn.local_response_norm(xc, n, alpha, beta, k, groups=2, relu=True)
+            out = lrn.fast_local_response_norm(xc, n, alpha, beta, k, groups=2, relu=True)
             out.backward(grad_out.to(DEVICE, dtype).contiguous(memory_format=fmt))
             assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
             err, gerr = rel(out, ref), rel(xc.grad, xr.grad)
