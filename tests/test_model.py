@@ -263,7 +263,7 @@ def _seeded_pass(model, x, seed, train):
 
 def _layer_params(model, name):
     layer = getattr(model, name)
-    if hasattr(layer, "split"):  # the two-device form holds each tower's half on its device
+    if hasattr(layer, "weights"):  # the two-device form holds each tower's half on its device
         return [p.grad for p in layer.weights] + [p.grad for p in layer.biases]
     return [
         layer.weight.grad[: layer.weight.shape[0] // 2],

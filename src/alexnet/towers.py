@@ -33,24 +33,22 @@ def gather(xs: Parts, device: torch.device) -> torch.Tensor:
 
 
 class _TowerLayer(nn.Module):
-    """A conv or linear layer held whole (one device) or as one slice of output units per device
-    (two devices). The state_dict always holds the whole tensors."""
+    """A conv or linear layer held as one slice of output units per device. The state_dict
+    holds the whole tensors."""
 
     def __init__(self, weight_shape, devices, splits: Sequence[int]):
         super().__init__()
         self.devices = [torch.device(d) for d in devices]
+        if len(self.devices) < 2:
+            raise ValueError("a tower layer spans two or more devices (one device: nn.Conv2d)")
         self.splits = list(splits)  # output units held by each part
-        if len(self.devices) == 1:
-            self.weight = nn.Parameter(torch.empty(weight_shape, device=self.devices[0]))
-            self.bias = nn.Parameter(torch.empty(weight_shape[0], device=self.devices[0]))
-        else:
-            # Plain attributes weight_0, weight_1, ... (no child module), so that the state_dict
-            # overrides below are the only view of this layer's tensors.
-            for i, (n, d) in enumerate(zip(self.splits, self.devices, strict=True)):
-                self.register_parameter(
-                    f"weight_{i}", nn.Parameter(torch.empty((n, *weight_shape[1:]), device=d))
-                )
-                self.register_parameter(f"bias_{i}", nn.Parameter(torch.empty(n, device=d)))
+        # Plain attributes weight_0, weight_1, ... (no child module), so that the state_dict
+        # overrides below are the only view of this layer's tensors.
+        for i, (n, d) in enumerate(zip(self.splits, self.devices, strict=True)):
+            self.register_parameter(
+                f"weight_{i}", nn.Parameter(torch.empty((n, *weight_shape[1:]), device=d))
+            )
+            self.register_parameter(f"bias_{i}", nn.Parameter(torch.empty(n, device=d)))
 
     @property
     def weights(self) -> list[nn.Parameter]:
@@ -60,14 +58,8 @@ class _TowerLayer(nn.Module):
     def biases(self) -> list[nn.Parameter]:
         return [getattr(self, f"bias_{i}") for i in range(len(self.devices))]
 
-    @property
-    def split(self) -> bool:
-        return len(self.devices) > 1
-
     def whole(self, name: str) -> torch.Tensor:
         """The layer's whole weight or bias (on the first device)."""
-        if not self.split:
-            return getattr(self, name)
         parts = self.weights if name == "weight" else self.biases
         return torch.cat([p.to(self.devices[0]) for p in parts])
 
@@ -85,17 +77,12 @@ class _TowerLayer(nn.Module):
 
     @torch.no_grad()
     def _set_whole(self, name: str, value: torch.Tensor) -> None:
-        if not self.split:
-            getattr(self, name).copy_(value)
-            return
         parts = self.weights if name == "weight" else self.biases
         for p, chunk in zip(parts, value.split(self.splits), strict=True):
             p.copy_(chunk)
 
     # state_dict / load_state_dict see one tensor per layer, whatever the devices.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if not self.split:
-            return super()._save_to_state_dict(destination, prefix, keep_vars)
         for name in ("weight", "bias"):
             t = self.whole(name)
             destination[prefix + name] = t if keep_vars else t.detach()
@@ -103,10 +90,6 @@ class _TowerLayer(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
     ):
-        if not self.split:
-            return super()._load_from_state_dict(
-                state_dict, prefix, local_metadata, strict, missing, unexpected, errors
-            )
         for name in ("weight", "bias"):
             key = prefix + name
             if key not in state_dict:
@@ -136,10 +119,6 @@ class TowerConv(_TowerLayer):
         )
 
     def forward(self, xs: Parts) -> Parts:
-        if not self.split:
-            x = xs[0]
-            groups = 1 if self.cross else self.towers
-            return [F.conv2d(x, self.weight, self.bias, self.stride, self.pad, 1, groups)]
         if self.cross:  # every tower's maps onto each device (Sec. 3.2)
             xs = [gather(xs, d) for d in self.devices]
         return [
@@ -158,8 +137,6 @@ class TowerLinear(_TowerLayer):
         super().__init__((fout, fin), devices, splits)
 
     def forward(self, xs: Parts) -> Parts:
-        if not self.split:
-            return [F.linear(xs[0], self.weight, self.bias)]
         return [
             F.linear(gather(xs, d), w, b)
             for d, w, b in zip(self.devices, self.weights, self.biases, strict=True)
