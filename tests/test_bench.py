@@ -39,6 +39,11 @@ def test_quick_json_structure(quick_result):
         for key in ("train_images_per_s", "infer_images_per_s", "train_gflops"):
             assert row[key] > 0, (row, key)
         assert 0 < row["fraction_of_matmul_peak"]
+        # The fraction is of this machine's matmul in the row's dtype, measured in the run.
+        assert row["matmul_peak_gflops"] == r["peak_gflops"][row["matmul_peak_dtype"]]
+        assert row["fraction_of_matmul_peak"] == pytest.approx(
+            row["train_gflops"] / row["matmul_peak_gflops"]
+        )
         assert len(row["train_step_s"]) == r["settings"]["steps"] == 2
         assert row["train_images_per_s"] <= row["train_images_per_s_best"] + 1e-9
     m = r["machine"]
@@ -203,3 +208,46 @@ def test_bench_convs_rows_and_ratios(tmp_path, capsys):
     want = ms["conv2", "grouped", "bf16+cl", True] / ms["conv2", "two dense", "bf16+cl", True]
     assert r["ratios"]["conv2_grouped_over_two_dense_bf16_cl_benchmark"] == pytest.approx(want)
     assert "<!-- alexnet bench convs: begin -->" in md.read_text()
+
+
+def test_bench_table_prints_each_rows_matmul_rate_and_fraction():
+    """Issue 20, part 4: beside img/s, each row prints the machine's matmul rate it is measured
+    against (in its dtype) and the step's fraction of it."""
+    from alexnet.benchmarks.model import format_table
+
+    row = dict(train_images_per_s=20.0, train_images_per_s_best=21.0, infer_images_per_s=50.0,
+               cpu_ms_per_train_image=40.0)  # fmt: skip
+    result = {
+        "rows": [
+            row
+            | dict(
+                model="paper",
+                mode="fp32",
+                train_gflops=87.0,
+                matmul_peak_dtype="fp32",
+                matmul_peak_gflops=174.0,
+                fraction_of_matmul_peak=0.5,
+            ),
+            row
+            | dict(
+                model="paper",
+                mode="bf16+cl",
+                train_gflops=80.0,
+                matmul_peak_dtype="bf16",
+                matmul_peak_gflops=800.0,
+                fraction_of_matmul_peak=0.1,
+            ),
+        ],  # fmt: skip
+        "peak_gflops": {"fp32": 174.0, "bf16": 800.0},
+        "settings": {"batch_size": 64, "steps": 3, "peak_size": 2048},
+        "ratios": {},
+        "fastest": {},
+        "machine": {"cpu": "x", "cores": 2, "torch": "t", "date": "d"},
+    }
+    lines = format_table(result).splitlines()
+    assert "matmul GFLOP/s" in lines[0] and "fraction" in lines[0]
+    assert lines[2].split()[-3:] == ["fp32", "174", "50%"]
+    assert lines[3].split()[-3:] == ["bf16", "800", "10%"]
+    assert "2048^3 matmul, measured in the same run (fp32 174 GFLOP/s, bf16 800 GFLOP/s)" in (
+        format_table(result)
+    )

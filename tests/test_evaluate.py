@@ -15,9 +15,11 @@ from alexnet import checkpoint
 from alexnet.checkpoint import stats_tensors, weights_metadata
 from alexnet.commands import main as cli_main
 from alexnet.config import get_profile
+from alexnet.errors import BadInput
 from alexnet.evaluate import evaluate_model, load_model
 from alexnet.model import build_model
 from alexnet.speed import default_fast_mode
+from conftest import one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,7 @@ def test_evaluate_command_json(tiny_store, random_weights, capsys):
         assert key in r
     assert r["views"] == 10 and r["images"] == 12
     assert len(r["per_class_top1_error"]) == 3
+    assert r["num_classes"] == 3  # the tiny store's: a reader knows top-5 means nothing here
     assert r["mode"] == default_fast_mode(torch.device("cpu")).label  # as training validates
     # --no-fast: float32, the independent computation's arithmetic.
     rc = cli_main(["evaluate", str(random_weights), "--data", str(tiny_store), "--json",
@@ -258,3 +261,62 @@ def test_evaluate_without_data_uses_the_runs_store(reference_run, tiny_store, tm
     (moved / "model.safetensors").write_bytes((reference_run / "model.safetensors").read_bytes())
     assert cli_main(["evaluate", str(moved)]) == 2
     assert "no longer there" in capsys.readouterr().err
+
+
+def test_predict_walks_folders_of_images_and_names_torch_files(random_weights, photos, tmp_path,
+                                                                capsys):  # fmt: skip
+    """Issue 20: `predict RUN photos/` predicts every image under the folder, recursively, in
+    name order, skipping what is not an image; a PyTorch file where weights are expected is
+    one line naming `alexnet import-torchvision`."""
+    tree = tmp_path / "photos"
+    (tree / "b" / "deep").mkdir(parents=True)
+    (tree / ".cache").mkdir()
+    (tree / "b" / "deep" / "cat.jpg").write_bytes((photos / "chelsea.jpg").read_bytes())
+    (tree / "a.png").write_bytes((photos / "coffee.png").read_bytes())
+    (tree / "b" / "z.webp").write_bytes((photos / "astronaut.webp").read_bytes())
+    (tree / "notes.txt").write_text("not an image")
+    (tree / ".hidden.jpg").write_bytes((photos / "chelsea.jpg").read_bytes())
+    (tree / ".cache" / "thumb.jpg").write_bytes((photos / "chelsea.jpg").read_bytes())
+    (tmp_path / "empty").mkdir()
+    # A run folder (it has model.safetensors) is a network; any other folder holds images.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").symlink_to(random_weights)
+    rc = cli_main(["predict", str(run), str(tree), str(tmp_path / "empty"), "--json",
+                   "--topk", "1"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    expect = [tree / "a.png", tree / "b" / "deep" / "cat.jpg", tree / "b" / "z.webp"]
+    assert [r["path"] for r in out] == [*map(str, expect), str(tmp_path / "empty")]
+    assert all("predictions" in r for r in out[:3]) and "without image files" in out[3]["error"]
+    assert rc == 1  # the empty folder
+    # torch.save's files, the zip (torch >= 1.6) and the legacy pickle, given as weights.
+    torch.save({"w": torch.zeros(2)}, tmp_path / "new.pth")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    for f in (tmp_path / "new.pth", tmp_path / "old.pt"):
+        with pytest.raises(BadInput, match="alexnet import-torchvision"):
+            checkpoint.load_weights(f)  # what `train --init` and `evaluate` read with
+        assert cli_main(["predict", str(f), str(tree / "a.png")]) == 2
+        one_line_error(capsys.readouterr().err, f, "alexnet import-torchvision")
+    with pytest.raises(BadInput, match="not a safetensors file"):  # not torch's: no hint
+        (tmp_path / "x.bin").write_bytes(b"\x00" * 64)
+        checkpoint.load_weights(tmp_path / "x.bin")
+
+
+def test_evaluate_limit_is_class_balanced_and_top5_only_with_more_than_5_classes(
+    tiny_store, random_weights, capsys
+):
+    """--val-limit N takes N / classes images of each class, even where the store is not sorted by
+    class; with 3 classes no top-5 error is printed (it is 0 whatever the network)."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 1000)  # unsorted, unequal classes, as Fashion-MNIST's test set
+    idx = data.spread_indices(len(labels), 500, labels)
+    assert len(idx) == 500 and len(set(idx.tolist())) == 500
+    assert np.bincount(labels[idx], minlength=10).tolist() == [50] * 10
+    small = np.array([0] * 3 + [1] * 40 + [2] * 40)  # a class smaller than its share
+    assert sorted(np.bincount(small[data.spread_indices(83, 30, small)])) == [3, 13, 14]
+    rc = cli_main(["evaluate", str(random_weights), "--data", str(tiny_store), "--workers", "0",
+                   "--val-limit", "7", "--per-class"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "top-1 error" in out and "top-5" not in out
+    counts = [int(line.split()[-2]) for line in out.splitlines()[-3:]]
+    assert sorted(counts) == [2, 2, 3]  # the store: 4 val images per class

@@ -154,6 +154,32 @@ def _bad(path: Path, what: str) -> BadInput:
     return BadInput(f"{path}: {what}")
 
 
+def _torch_save_error(path: Path, head: bytes) -> BadInput | None:
+    """The error for a file torch.save wrote (a `.pth`/`.pt`: a zip archive since torch 1.6,
+    a bare pickle before) where a safetensors file is expected, None for any other start.
+    Such a file is what torchvision publishes; told only "not a safetensors file", a user
+    would not know it converts with `alexnet import-torchvision`."""
+    is_zip = head.startswith(b"PK\x03\x04")
+    is_pickle = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # PROTO 2-5
+    if not (is_zip or is_pickle):
+        return None
+    return _bad(
+        path,
+        "a PyTorch file (torch.save), not a safetensors weights file: torchvision's AlexNet "
+        f"weights convert with `alexnet import-torchvision {path} OUT`",
+    )
+
+
+def torch_save_error(path: str | os.PathLike) -> BadInput | None:
+    """_torch_save_error for a file on disk (its first bytes), None when it cannot be read:
+    for the callers that must tell a PyTorch file from the other paths they are given."""
+    try:
+        with Path(path).open("rb") as f:
+            return _torch_save_error(Path(path), f.read(8))
+    except OSError:
+        return None
+
+
 def _read_weights_header(path: Path) -> dict[str, Any]:
     # safetensors layout: 8-byte little-endian header length, JSON header, tensor bytes.
     size = path.stat().st_size  # FileNotFoundError for a missing file
@@ -162,10 +188,16 @@ def _read_weights_header(path: Path) -> dict[str, Any]:
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise _bad(path, f"truncated or not a safetensors file ({size} bytes)")
+            raise _torch_save_error(path, head) or _bad(
+                path, f"truncated or not a safetensors file ({size} bytes)"
+            )
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER or 8 + n > size:
-            raise _bad(path, "not a safetensors file, or truncated (header longer than the file)")
+            # Only a file that is no safetensors file is asked whether torch.save wrote it:
+            # a valid header's length may begin with the bytes a pickle begins with.
+            raise _torch_save_error(path, head) or _bad(
+                path, "not a safetensors file, or truncated (header longer than the file)"
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))

@@ -26,6 +26,7 @@ from alexnet import checkpoint
 from alexnet.checkpoint import Preprocess
 from alexnet.config import Profile, check_profile, get_profile, profile_from_dict
 from alexnet.data import make_eval_loader, open_store, preprocess, spread_indices
+from alexnet.data.listing import image_paths
 from alexnet.errors import BadInput, NotFound
 from alexnet.fileio import read_json
 from alexnet.model import build_model
@@ -214,7 +215,7 @@ def evaluate_store(
         mode=mode,
         device=device,
         progress=progress,
-        total=len(spread_indices(store.size(split), limit)),
+        total=len(spread_indices(store.size(split), limit, store.labels(split))),
         num_classes=len(loaded.run_info.classes) if per_class else None,
         keep_probs=keep_probs,
     )
@@ -390,6 +391,27 @@ def check_outputs(path: Path, probs: torch.Tensor, member: int = 0, of: int = 1)
         )
 
 
+def is_network(path: str | Path) -> bool:
+    """Whether a path given to predict names a network: a .safetensors file, or a run folder
+    (one with model.safetensors or config.json; a run without weights yet is then an error
+    naming its missing weights). Any other folder is a folder of images."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / "model.safetensors").exists() or (p / "config.json").exists()
+    return p.suffix == ".safetensors"
+
+
+def expand_images(paths: list[str | Path]) -> list[str]:
+    """The image files to predict: each folder replaced by the images under it (recursively,
+    photo formats only, in a stable order: data.listing.image_paths), files kept as given. A
+    folder holding no image stays itself, so that its result says so."""
+    out: list[str] = []
+    for path in paths:
+        found = image_paths(Path(path)) if Path(path).is_dir() else []
+        out += [str(f) for f in found] if found else [str(path)]
+    return out
+
+
 def image_probabilities(
     loaded: torch.nn.Module, paths: list[str], views: int = 1, device="cpu"
 ) -> list[torch.Tensor | str]:
@@ -400,6 +422,8 @@ def image_probabilities(
         try:
             if not Path(path).exists():
                 raise ValueError("no such file")
+            if Path(path).is_dir():  # what expand_images left: a folder without images
+                raise ValueError("a folder without image files (JPEG, PNG, WebP, ...) under it")
             x = preprocess(path, loaded.run_info.profile.data, loaded.run_info.stats, views=views)
         except (ValueError, OSError) as e:
             msg = str(e).splitlines()[0]
@@ -438,8 +462,10 @@ def predict_networks(
 ):
     """predict_images with one network or an ensemble: each network's softmax averaged over the
     views, then over the networks (Sec. 6). One network resident at a time. With several
-    networks each result also holds "members": each network's own top-k."""
+    networks each result also holds "members": each network's own top-k. A folder among
+    `paths` stands for the images under it (expand_images): one result per image file."""
     classes = check_same_classes(members)
+    paths = expand_images(paths)
     per_member = []
     for i, m in enumerate(members):
         loaded = load_model(m, device)

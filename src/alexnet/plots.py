@@ -32,9 +32,10 @@ def lr_drop_epochs(steps: list[dict], epochs: list[dict]) -> list[float]:
     return sorted(set(drops))
 
 
-def plot_curves(records: list[dict], out: str | Path) -> Path:
+def plot_curves(records: list[dict], out: str | Path, top5: bool = True) -> Path:
     """curves.png: train/val loss and val top-1/top-5 error against epochs, lr drops marked,
-    from a run's metrics records (runlog.read_metrics)."""
+    from a run's metrics records (runlog.read_metrics). `top5`: whether to draw the top-5
+    error (runlog.shows_top5: with 5 classes or fewer it is a flat line at 0)."""
     steps, epochs = split_records(records)
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
     if steps:
@@ -49,7 +50,9 @@ def plot_curves(records: list[dict], out: str | Path) -> Path:
         e = [r["epoch"] for r in epochs]
         ax_loss.plot(e, [r["val_loss"] for r in epochs], "o-", label="val loss")
         ax_err.plot(e, [100 * r["val_top1_error"] for r in epochs], "o-", label="val top-1 error")
-        ax_err.plot(e, [100 * r["val_top5_error"] for r in epochs], "s-", label="val top-5 error")
+        if top5:
+            top5s = [100 * r["val_top5_error"] for r in epochs]
+            ax_err.plot(e, top5s, "s-", label="val top-5 error")
     drops = lr_drop_epochs(steps, epochs)
     for i, d in enumerate(drops):
         for ax in (ax_loss, ax_err):

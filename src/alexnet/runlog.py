@@ -5,7 +5,8 @@ metrics.jsonl holds one JSON object per logged step ({"kind": "step", "step", "e
 "lr", "images_per_s"}) and per epoch ({"kind": "epoch", "epoch", "val_top1_error", ...}). A
 resumed run first cuts it back to the checkpoint it resumes (`truncate`): what was logged after
 the checkpoint will be logged again. TensorBoard's event files are cut back alike (its
-`purge_step`), so a re-run step is not drawn twice.
+`purge_step`), so a re-run step is not drawn twice. Every TensorBoard scalar is drawn against
+the training step, validation at the step where it ran (with `val/epoch`, the epoch it ended).
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ from tqdm import tqdm
 from alexnet.errors import BadInput, CannotWrite
 from alexnet.fileio import write_text
 from alexnet.plots import plot_curves
+
+
+def shows_top5(num_classes: int | None) -> bool:
+    """Whether a top-5 error is worth showing: only with more than 5 classes (with 5 or fewer
+    the true class is always among the top 5, and the "error" is 0 whatever the network).
+    None (the number is not known): shown, as before it was known."""
+    return num_classes is None or num_classes > 5
 
 
 @contextlib.contextmanager
@@ -146,9 +154,16 @@ class EventFile:
 class RunLog:
     """The observability of one run (see the module docstring). `main`: rank 0, which writes."""
 
-    def __init__(self, out: Path, main: bool = True, bars: bool | None = None):
+    def __init__(
+        self, out: Path, main: bool = True, bars: bool | None = None, num_classes: int | None = None
+    ):
         self.out, self.main = Path(out), main
+        self.num_classes = num_classes  # the top-5 error is shown only where it means something
         self.bars = main and (sys.stderr.isatty() if bars is None else bars)
+        # A line per logged step wherever there is no bar, and in what stdout goes to when it
+        # is not a terminal (a file, a pipe, nohup), even while a bar shows on stderr: the log
+        # keeps what the bar showed only on the screen.
+        self.lines = main and (not self.bars or not sys.stdout.isatty())
         self.tb = None
         self.metrics = self.out / "metrics.jsonl"
 
@@ -187,10 +202,15 @@ class RunLog:
             f.write(json.dumps(rec) + "\n")
 
     def bar(self, total: int, initial: int, desc: str):
-        """A tqdm bar on a terminal, else None (then step() prints a line per logged step)."""
+        """A tqdm bar on a terminal (stderr), else None; step() prints its lines (self.lines)."""
         if not self.bars:
             return None
         return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+    def header(self, text: str) -> None:
+        """The run's first line (what runs: Trainer.describe), before its first step."""
+        if self.main:
+            print(text, flush=True)
 
     def step(self, rec: dict[str, Any], bar) -> None:
         if not self.main:
@@ -204,7 +224,7 @@ class RunLog:
             self.tb.flush()  # a full disk is an error now, not in a minute
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2g}", img_s=f"{rate:.0f}")
-        else:
+        if bar is None or self.lines:
             print(
                 f"epoch {rec['epoch']:.3f} step {step} loss {loss:.4f} lr {lr:.3g} "
                 f"{rate:.1f} img/s",
@@ -216,23 +236,30 @@ class RunLog:
             return
         self._append(rec)
         epoch = rec["epoch"]
+        top5 = shows_top5(self.num_classes)
         if self.tb is not None:
-            for k in ("val_loss", "val_top1_error", "val_top5_error"):
-                self.tb.add_scalar(f"val/{k[4:]}", rec[k], epoch)
-            self.tb.add_scalar("val/at_chance", float(at_chance), epoch)
+            # One step axis for every scalar: validation is drawn at the training step where it
+            # ran (the record's "step"), beside train/*, not at the epoch number (which put epoch
+            # 3's validation at step 3). A record without a step (older callers): the epoch.
+            step = rec.get("step", epoch)
+            for k in ("val_loss", "val_top1_error") + (("val_top5_error",) if top5 else ()):
+                self.tb.add_scalar(f"val/{k[4:]}", rec[k], step)
+            self.tb.add_scalar("val/epoch", epoch, step)  # which epoch ended at that step
+            self.tb.add_scalar("val/at_chance", float(at_chance), step)
             if rec.get("warning"):
-                self.tb.add_text("warning", rec["warning"], epoch)
+                self.tb.add_text("warning", rec["warning"], step)
             self.tb.flush()
         print(
             f"epoch {epoch}: val top-1 error {rec['val_top1_error']:.2%}, "
-            f"top-5 {rec['val_top5_error']:.2%}, loss {rec['val_loss']:.4f}"
+            + (f"top-5 {rec['val_top5_error']:.2%}, " if top5 else "")
+            + f"loss {rec['val_loss']:.4f}"
             + ("  (lr divided by 10)" if rec["lr_dropped"] else ""),
             flush=True,
         )
         if rec.get("warning"):
             print(f"WARNING: {rec['warning']}", file=sys.stderr, flush=True)
         with _writing(self.out / "curves.png"):
-            plot_curves(read_metrics(self.metrics), self.out / "curves.png")
+            plot_curves(read_metrics(self.metrics), self.out / "curves.png", top5=top5)
 
     def epoch_train_loss(self, epoch: int) -> float | None:
         """The mean of the logged training losses of epoch `epoch` (1-based)."""

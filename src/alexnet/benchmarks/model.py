@@ -249,7 +249,8 @@ def run_model_bench(
         train_s = statistics.median(cfg.step_s)
         train_ips = batch_size / train_s
         achieved = train_ips * 3 * flops[cfg.profile]
-        ref_peak = peak["bf16" if cfg.mode.autocast_dtype == "bfloat16" else "fp32"]
+        ref_dtype = "bf16" if cfg.mode.autocast_dtype == "bfloat16" else "fp32"
+        ref_peak = peak[ref_dtype]
         rows.append(
             {
                 "model": cfg.profile,
@@ -260,6 +261,9 @@ def run_model_bench(
                 "cpu_ms_per_train_image": 1000 * statistics.median(cfg.step_cpu_s) / batch_size,
                 "train_gflops": achieved / 1e9,
                 "fraction_of_matmul_peak": achieved / ref_peak,
+                # The peak each row is a fraction of: this machine's matmul in the row's dtype.
+                "matmul_peak_dtype": ref_dtype,
+                "matmul_peak_gflops": ref_peak / 1e9,
                 "train_step_s": [round(s, 4) for s in cfg.step_s],
             }
         )
@@ -274,6 +278,7 @@ def run_model_bench(
         "forward_gflops_per_image": {p: f / 1e9 for p, f in flops.items()},
         "settings": {
             "batch_size": batch_size,
+            "peak_size": peak_size,
             "steps": steps,
             "warmup": warmup,
             "num_classes": num_classes,
@@ -357,23 +362,30 @@ def ratios(rows) -> dict:
 
 def format_table(result: dict) -> str:
     """The result as a plain-text table (and the ratios under it)."""
+    # Beside img/s, what carries to another machine: the step's GFLOP/s as a fraction of this
+    # machine's own matrix-multiply rate, measured in the same run, in the row's dtype.
     head = (
         f"{'model':<14}{'mode':<18}{'train img/s':>12}{'best':>8}{'infer img/s':>13}"
-        f"{'CPU ms/img':>12}{'GFLOP/s':>9}{'of peak':>9}"
+        f"{'CPU ms/img':>12}{'GFLOP/s':>9}{'matmul GFLOP/s':>16}{'fraction':>10}"
     )
     lines = [head, "-" * len(head)]
+    peak_of = result["peak_gflops"]
     for r in result["rows"]:
+        dtype = r.get("matmul_peak_dtype", "fp32")  # results written before it was recorded
+        matmul = f"{dtype} {r.get('matmul_peak_gflops', peak_of.get(dtype, 0)):.0f}"
         lines.append(
             f"{r['model']:<14}{r['mode']:<18}{r['train_images_per_s']:>12.1f}"
             f"{r['train_images_per_s_best']:>8.1f}{r['infer_images_per_s']:>13.1f}"
             f"{r['cpu_ms_per_train_image']:>12.1f}{r['train_gflops']:>9.1f}"
-            f"{100 * r['fraction_of_matmul_peak']:>8.0f}%"
+            f"{matmul:>16}{100 * r['fraction_of_matmul_peak']:>9.0f}%"
         )
     m, s = result["machine"], result["settings"]
-    peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["peak_gflops"].items())
+    peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak_of.items())
     lines.append("")
     lines.append(
-        f"matmul peak, same run: {peaks}; batch {s['batch_size']}, {s['steps']} timed steps"
+        f"fraction: the training step's GFLOP/s over this machine's {s.get('peak_size', 2048)}^3 "
+        f"matmul, measured in the same run ({peaks}); batch {s['batch_size']}, {s['steps']} "
+        "timed steps"
     )
     for k, v in result["ratios"].items():
         lines.append(f"{k}: {v:.2f}x")
@@ -421,14 +433,17 @@ def format_markdown(result: dict) -> str:
         "2048^3 matmul means the step runs at the practical matrix peak.",
         "",
         "| model | mode | train img/s | infer img/s | CPU ms per train img | train GFLOP/s "
-        "| of matmul peak |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| matmul GFLOP/s (same run) | of matmul peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
+        dtype = r.get("matmul_peak_dtype", "fp32")
+        matmul = r.get("matmul_peak_gflops", result["peak_gflops"].get(dtype, 0))
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['train_images_per_s']:.1f} | "
             f"{r['infer_images_per_s']:.1f} | {r['cpu_ms_per_train_image']:.1f} | "
-            f"{r['train_gflops']:.0f} | {100 * r['fraction_of_matmul_peak']:.0f}% |"
+            f"{r['train_gflops']:.0f} | {dtype} {matmul:.0f} | "
+            f"{100 * r['fraction_of_matmul_peak']:.0f}% |"
         )
     lines += ["", "| ratio (training images/s) | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f}x |" for k, v in result["ratios"].items()]

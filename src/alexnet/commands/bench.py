@@ -124,12 +124,18 @@ def register(sub) -> None:
         help="where a plain training step's time goes: per layer and per operator",
         description=bo.__doc__,
     )
-    o.add_argument("--profiles", default="paper,torchvision")
-    o.add_argument("--modes", default="fp32,bf16+cl")
+    o.add_argument(
+        "--profiles",
+        default="paper,torchvision",
+        help="comma-separated (default paper,torchvision)",
+    )
+    o.add_argument(
+        "--modes", default="fp32,bf16+cl", help="comma-separated speed modes (default fp32,bf16+cl)"
+    )
     o.add_argument("--batch-sizes", default="64,128", help="comma-separated (default 64,128)")
     o.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
     o.add_argument("--repeats", type=int, default=5, help="timings per layer (default 5)")
-    o.add_argument("--json", action="store_true")
+    o.add_argument("--json", action="store_true", help="print one JSON object")
     o.add_argument("--markdown", metavar="FILE", help="also write the tables into FILE")
     o.set_defaults(handler=run_bench_ops)
     c = bsub.add_parser(

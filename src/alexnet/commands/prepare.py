@@ -13,6 +13,9 @@ from alexnet.fileio import MAX_FILE_BYTES
 
 
 def run_prepare(args) -> int:
+    if args.store_limit is not None and args.store_limit < 1:
+        # (before: 0 said "no training images", and -N dropped the last N images of each split)
+        raise BadInput(f"--store-limit must be at least 1, got {args.store_limit}")
     check_output(args.out, "OUT")  # before SRC is listed (minutes for ImageNet)
     if args.src is None:
         if args.kind not in (None, "fashion-mnist"):
@@ -36,7 +39,7 @@ def run_prepare(args) -> int:
         seed=args.seed,
         encoding=args.encoding,
         jpeg_quality=args.jpeg_quality,
-        limit=args.limit,
+        limit=args.store_limit,
         chunk_size=args.chunk_size,
         progress=not args.quiet,
         classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
@@ -82,7 +85,14 @@ def register(sub) -> None:
         help="record encoding: jpeg (default, ~10x smaller) or raw (uint8 pixels, fastest)",
     )
     p.add_argument("--jpeg-quality", type=int, default=DEFAULT_QUALITY, help="default 90")
-    p.add_argument("--limit", type=int, help="at most this many images per split (quick trials)")
+    p.add_argument(
+        "--store-limit",
+        "--limit",
+        dest="store_limit",
+        type=int,
+        metavar="N",
+        help="at most N images per split (quick trials; --limit: the old name)",
+    )
     p.add_argument(
         "--classes",
         metavar="C,C,...",

@@ -87,7 +87,9 @@ def register(sub) -> None:
     p = sub.add_parser("summary", help="per-layer output shapes, parameters and multiply-adds")
     p.add_argument("--profile", default="paper", help=f"one of {', '.join(PROFILES)}")
     p.add_argument("--input", type=int, default=None, help="input side (default: the profile's)")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument(
+        "--num-classes", type=int, default=1000, help="classes of the last layer (default 1000)"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -101,5 +103,5 @@ def register(sub) -> None:
     )
     p.set_defaults(handler=run_summary)
     p = sub.add_parser("profiles", help="a table of every value on which the profiles differ")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the table as one JSON object")
     p.set_defaults(handler=run_profiles)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from alexnet.errors import BadInput
 from alexnet.fileio import MAX_FILE_BYTES, read_regular_file
@@ -79,6 +80,31 @@ def image_files(folder: Path) -> list[str]:
             if not fn.startswith("."):
                 out.append(str(rel / fn) if str(rel) != "." else fn)
     return sorted(out)
+
+
+# The photo formats prediction looks for in a folder: Pillow also registers names of formats that
+# are not photos (".h5", ".grib", ".mpeg": stubs that need a handler) or that it cannot decode
+# without outside programs (".eps").
+PHOTO_SUFFIXES = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .apng .webp .avif .bmp .dib .gif .tif .tiff .ppm .pgm .pbm .pnm "
+    ".tga .jp2 .j2k .jpx .ico .pcx".split()
+)
+
+
+def readable_image_suffixes() -> frozenset[str]:
+    """PHOTO_SUFFIXES that this Pillow opens (".webp" or ".avif" only where it was built with
+    them), lower case."""
+    Image.init()  # registers every plugin's extensions
+    opens = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return PHOTO_SUFFIXES & opens
+
+
+def image_paths(folder: Path) -> list[Path]:
+    """The images under `folder` for prediction: image_files (recursive, hidden files and
+    folders skipped, sorted: the same order on every machine), keeping only photo formats
+    Pillow opens (a README or a notes.txt beside the photos is not an image)."""
+    suffixes = readable_image_suffixes()
+    return [folder / f for f in image_files(folder) if Path(f).suffix.lower() in suffixes]
 
 
 def subdirs(folder: Path) -> list[str]:
