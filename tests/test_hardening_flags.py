@@ -145,7 +145,7 @@ def test_the_input_sizes_said_to_fit_are_those_the_network_runs_on():
     [
         (["evaluate", "w.safetensors", "--workers", "-2"], "--workers"),
         (["evaluate", "w.safetensors", "--batch-size", "0"], "--batch-size"),  # was: 128
-        (["evaluate", "w.safetensors", "--limit", "0"], "--limit"),
+        (["evaluate", "w.safetensors", "--limit", "0"], "--val-limit"),  # the old name
         (["predict", "w.safetensors", "img.jpg", "--topk", "-3"], "--topk"),
     ],
 )

@@ -120,7 +120,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(reference_run, tiny_s
     # TensorBoard shows each step once: the events of the steps run again were purged (issue 11),
     # whether the kill came before the first checkpoint (the run started over) or after one.
     assert tensorboard_steps(out) == list(range(1, 9)), f"a kill at step {kill_at}"
-    assert tensorboard_steps(out, "val/top1_error") == [1, 2]
+    assert tensorboard_steps(out, "val/top1_error") == [4, 8]  # the steps where it ran
 
 
 @pytest.mark.slow
@@ -179,7 +179,8 @@ def test_bad_arguments_are_clear_errors(tiny_store, tmp_path, capsys):
     assert cli_main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert cli_main(["train", "--data", str(tiny_store), "--out", str(tmp_path / "r3"),
                      "--val-limit", "0"]) == 2  # fmt: skip
-    assert "--val-limit must be at least 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--val-limit 0: run.val_limit=0 must be an integer >= 1" in err, err
     assert not (tmp_path / "r3").exists()
 
 
@@ -200,6 +201,31 @@ def test_known_problems_are_warned_and_recorded(tiny_store, tmp_path, capsys):
     scaled = apply_overrides(get_profile("paper"), ["data.input_scale=0.00392156863"])
     assert ["[0, 1]" in p for p in known_problems(scaled)] == [True]
     assert known_problems(apply_overrides(get_profile("paper"), ["data.input_scale=0.5"])) == []
+
+
+def test_a_log_file_shows_the_run_and_its_first_step_at_once(
+    tiny_store, tmp_path, capsys, monkeypatch
+):
+    """Issue 20: `alexnet train > log.txt` (stdout not a terminal, as under capsys) printed no
+    header, and its first step's line only after --log-every steps; the steps before
+    --max-steps stopped it were never logged, and it said "done"."""
+    # Not the checkpoint: writing 60M parameters and their momentum took 4 of this test's 5 s.
+    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self: None)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tiny_store), "--out", str(out), "--profile", "paper",
+            "--batch-size", "8", "--max-steps", "3", "--log-every", "5", "--no-fast",
+            "--workers", "0", "--val-limit", "4"]  # fmt: skip
+    assert cli_main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # the tiny store: 3 classes, 36 train images (4 steps of 8), 12 val of which 4 validate
+    for what in ("profile paper", f"store {tiny_store}", "3 classes", "36 train images",
+                 "4 val", "batch 8", "4 steps per epoch", "on cpu", f"run {out}"):  # fmt: skip
+        assert what in lines[0], (what, lines[0])
+    assert lines[1].startswith("epoch 0.250 step 1 loss "), lines
+    assert lines[2].startswith("epoch 0.750 step 3 loss "), lines
+    assert lines[3].startswith("stopped at step 3 (--max-steps)"), lines
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "step"] == [1, 3]
 
 
 @pytest.mark.slow

@@ -165,6 +165,76 @@ class Profile:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how a run executes (not part of the recipe)."""
+
+    data: str = ""  # the prepared store (alexnet prepare)
+    out: str = ""  # the run folder
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    # Sec. 3.2: 2 puts tower A on one device and tower B on the next (cuda:k, cuda:k+1); on a
+    # CPU both towers run in one process, which computes the same function (tests).
+    model_parallel: int = 1
+    workers: int | None = None  # loader worker processes (None: the loader's default)
+    # Where JPEG records are decoded: "cpu" (the loader workers), "gpu" (nvJPEG on the run's
+    # GPU), "auto" (the GPU when a measurement at the start says it is faster; CPU devices: cpu).
+    decode: str = "auto"
+    fast: bool = True  # mixed precision / channels_last where measured faster (speed.py)
+    compile: bool | None = None  # torch.compile (None: as speed.default_fast_mode says)
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
+    log_every: int = 20  # a metrics.jsonl/TensorBoard line every N steps
+    # Stop after this many steps in all (tests, smoke runs, the first epochs of a long recipe);
+    # a stop at an epoch's last step still validates and checkpoints that epoch.
+    max_steps: int | None = None
+    eval_batch_size: int = 256
+    val_limit: int | None = None  # validate on N images spread over the split (None: all)
+    # Fine-tuning (Sec. 6: pre-trained, then fine-tuned): start from these weights (a run folder
+    # or a .safetensors file) instead of the profile's initialisation; see checkpoint.init_from.
+    init: str = ""
+    # The statistics the views use when fine-tuning: "store", the training store's own (as the
+    # paper fine-tuned on ILSVRC-2012 with its own mean image), or "init", those saved with the
+    # --init weights (the pre-trained network's input distribution).
+    init_stats: str = "store"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run's whole configuration, resolved and checked once (`RunSpec.checked`): the
+    recipe, the run settings, and what follows from them alone. The trainer, the loaders and
+    the commands read this object; config.json records it ("profile", "run")."""
+
+    profile: Profile
+    run: RunConfig
+
+    @classmethod
+    def checked(cls, profile: Profile, run: RunConfig) -> RunSpec:
+        """BadInput naming the field unless the program can run every value."""
+        return cls(check_profile(profile), check_run_config(run))
+
+    @property
+    def epoch_scale(self) -> float:
+        """A named profile's schedule (milestones, warm-up, lr drops) is laid out for its own
+        number of epochs; --epochs stretches it by this factor."""
+        own = PROFILES.get(self.profile.name)
+        return self.profile.train.epochs / (own.train.epochs if own else self.profile.train.epochs)
+
+    def steps_per_epoch(self, train_images: int) -> int:
+        """Optimiser steps in one epoch of a train split of `train_images`: whole global batches
+        of the epoch's images (train.epoch_images, a budget, takes the first N of each epoch's
+        order). The one place the epoch length is computed; BadInput if it is not one batch."""
+        t = self.profile.train
+        images = train_images if t.epoch_images is None else min(train_images, t.epoch_images)
+        if images < t.batch_size:
+            raise BadInput(
+                f"the train split has {train_images} images, fewer than one batch of {t.batch_size}"
+            )
+        return images // t.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile.to_dict(), "run": dataclasses.asdict(self.run)}
+
+
 PAPER = Profile(
     name="paper",
     description="The text of the NIPS 2012 paper, literally (measured to learn: docs/recipes.md).",
@@ -667,3 +737,213 @@ def check_profile(profile: Profile) -> Profile:
             f"{profile.data.image_size}"
         )
     return profile
+
+
+# (lowest value, may be None) of the RunConfig fields that are numbers
+RUN_RANGES = {
+    "seed": (0, False),
+    "model_parallel": (1, False),
+    "workers": (0, True),
+    "checkpoint_every": (0, False),
+    "log_every": (1, False),
+    "max_steps": (0, True),
+    "eval_batch_size": (1, False),
+    "val_limit": (1, True),
+}
+CHOICES.update(
+    {
+        "run.model_parallel": (1, 2),
+        "run.decode": ("auto", "cpu", "gpu"),
+        "run.init_stats": ("store", "init"),
+    }
+)
+
+
+def check_run_config(run: RunConfig) -> RunConfig:
+    """The run settings if the program can run them; BadInput naming the field otherwise (the
+    profile's values: check_profile)."""
+    for name, (lo, may_be_none) in RUN_RANGES.items():
+        v = getattr(run, name)
+        if v is None and may_be_none:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise BadInput(f"run.{name}={v!r} must be an integer >= {lo}")
+    for key in ("run.model_parallel", "run.decode", "run.init_stats"):
+        v = getattr(run, key[4:])
+        if v not in CHOICES[key]:
+            raise BadInput(f"{key}={v!r} must be one of {', '.join(map(str, CHOICES[key]))}")
+    for name in ("data", "out", "device"):
+        if not isinstance(getattr(run, name), str) or not getattr(run, name):
+            raise BadInput(f"run.{name}={getattr(run, name)!r} must be a non-empty string")
+    if not isinstance(run.init, str):
+        raise BadInput(f"run.init={run.init!r} must be a path (or empty)")
+    if not isinstance(run.fast, bool):
+        raise BadInput(f"run.fast={run.fast!r} must be true or false")
+    if run.compile not in (None, True, False):
+        raise BadInput(f"run.compile={run.compile!r} must be true, false or null")
+    return run
+
+
+# --- the settings a command line gives: each flag is an alias of a --set key -------------------
+@dataclass(frozen=True)
+class Setting:
+    """A value of the configuration that has flags of its own: its help, and the flags (the
+    first is the name the help and the messages use; the others are aliases, e.g. the
+    torchvision reference's spellings where they mean the same). Its type, choices and range
+    are the field's (CHOICES, RANGES, RUN_RANGES)."""
+
+    help: str
+    flags: tuple[str, ...]
+    metavar: str | None = None
+
+
+SETTINGS: dict[str, Setting] = {
+    "run.data": Setting("the prepared store (alexnet prepare)", ("--data", "--data-path"), "STORE"),
+    "run.out": Setting("the run folder (created)", ("--out", "--output-dir"), "RUN"),
+    "train.epochs": Setting("cycles through the training set (Sec. 5: ~90)", ("--epochs",)),
+    "train.batch_size": Setting(
+        "the global batch (Sec. 5: 128), split over the ranks and their devices; torchvision's "
+        "-b is per GPU, so its -b 32 on 8 GPUs is -b 256 here",
+        ("-b", "--batch-size"),
+    ),
+    "train.lr": Setting("the learning rate (Sec. 5: 0.01)", ("--lr",)),
+    "train.momentum": Setting("the momentum (Sec. 5: 0.9)", ("--momentum",)),
+    "train.weight_decay": Setting("the weight decay (Sec. 5: 5e-4)", ("--wd", "--weight-decay")),
+    "run.seed": Setting(
+        "the seed of the initialisation and the views' order (default 0)", ("--seed",)
+    ),  # fmt: skip
+    "run.device": Setting(
+        "cpu, cuda, cuda:1 ... (default auto: cuda if there is one)", ("--device",)
+    ),  # fmt: skip
+    "run.model_parallel": Setting(
+        "2: the paper's two towers on two GPUs (cuda:k and cuda:k+1); with torchrun, each rank "
+        "drives 2 GPUs (default 1)",
+        ("--model-parallel",),
+    ),
+    "run.workers": Setting(
+        "data loader worker processes (default: from the CPU count)", ("-j", "--workers")
+    ),
+    "run.decode": Setting(
+        "where JPEG records are decoded: the loader workers (cpu), the GPU (nvJPEG), or auto: "
+        "the GPU on CUDA when a short measurement at the start finds it faster (default)",
+        ("--decode",),
+    ),
+    "run.fast": Setting(
+        "mixed precision and channels_last where measured faster (default); --no-fast: "
+        "float32 and the default memory format",
+        ("--fast",),
+    ),
+    "run.compile": Setting(
+        "torch.compile the model (default: where measured faster)", ("--compile",)
+    ),  # fmt: skip
+    "run.checkpoint_every": Setting(
+        "also checkpoint every N steps (default 0: at epoch ends only)",
+        ("--checkpoint-every",),
+        "STEPS",
+    ),
+    "run.log_every": Setting(
+        "a metrics.jsonl, TensorBoard and console line every N steps (default 20)",
+        ("--log-every", "--print-freq"),
+        "STEPS",
+    ),
+    "run.max_steps": Setting(
+        "stop after this many steps in all (smoke runs); a resumed run goes on to its end "
+        "unless given again",
+        ("--max-steps",),
+        "STEPS",
+    ),
+    "run.eval_batch_size": Setting("the validation batch (default 256)", ("--eval-batch-size",)),
+    "run.val_limit": Setting(
+        "validate on N images spread evenly over the split (a class-balanced sample; default all)",
+        ("--val-limit",),
+        "N",
+    ),
+    "run.init": Setting(
+        "start from these weights (a run folder or a .safetensors file): every tensor whose "
+        "name and shape match is loaded bit for bit; fc8 keeps the profile's initialisation "
+        "when the class names differ",
+        ("--init",),
+        "RUN_OR_WEIGHTS",
+    ),
+    "train.init_lr_mult": Setting(
+        "the --init layers' lr is F times the new layers' (default 1: the same)",
+        ("--init-lr-mult",),
+        "F",
+    ),
+    "train.freeze_until": Setting(
+        "the --init layers keep still (lr 0) until this epoch; 'all': the whole run (default "
+        "0: never)",
+        ("--freeze-until",),
+        "EPOCHS",
+    ),
+    "run.init_stats": Setting(
+        "the mean image and colour statistics of the training store (default, as the paper "
+        "fine-tuned with ILSVRC-2012's own mean) or those saved with the --init weights",
+        ("--init-stats",),
+    ),
+}
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "run": RunConfig,
+}
+
+
+def setting_field(key: str) -> dataclasses.Field:
+    """The dataclass field of a dotted key ("train.lr"); BadInput naming the valid ones."""
+    section, _, name = key.partition(".")
+    if section not in _SECTIONS:
+        raise BadInput(
+            f"{key!r}: expected SECTION.FIELD with SECTION one of {', '.join(_SECTIONS)} "
+            "(see `alexnet profiles`)"
+        )
+    fields = {f.name: f for f in dataclasses.fields(_SECTIONS[section])}
+    if name not in fields:
+        raise BadInput(f"{section} has no field {name!r}; valid: {', '.join(sorted(fields))}")
+    return fields[name]
+
+
+def apply_settings(
+    profile: Profile, run: RunConfig, values: dict[str, Any], sets: list[str] = ()
+) -> tuple[Profile, RunConfig]:
+    """Profile and run settings with `values` ({dotted key: value}, the flags), then `sets`
+    (`--set SECTION.FIELD=VALUE`, typed like the field's current value) applied, in that order:
+    a --set wins over a flag. `train.freeze_until` may be "all": the run's epochs."""
+    items = list(values.items())
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise BadInput(
+                f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of "
+                f"{', '.join(_SECTIONS)} (see `alexnet profiles`)"
+            )
+        items.append((key, (item, text)))
+    sections: dict[str, Any] = {
+        "model": profile.model,
+        "data": profile.data,
+        "train": profile.train,
+        "run": run,
+    }
+    for key, value in items:
+        where = f"--set {value[0]!r}" if isinstance(value, tuple) else key
+        try:
+            field = setting_field(key)
+            section, _, name = key.partition(".")
+            if isinstance(value, tuple):
+                current = getattr(sections[section], name)
+                if current is None and str(field.type).startswith("bool"):
+                    current = False  # typed as a true/false (or null, for "not set")
+                if "None" in str(field.type) and value[1].lower() in ("none", "null"):
+                    value = None
+                else:
+                    value = parse_value(value[1], current)
+        except BadInput as e:
+            raise BadInput(f"{where}: {e}") from None
+        sections[section] = dataclasses.replace(sections[section], **{name: value})
+    if sections["train"].freeze_until == "all":
+        t = sections["train"]
+        sections["train"] = dataclasses.replace(t, freeze_until=t.epochs)
+    run = sections.pop("run")
+    return dataclasses.replace(profile, **sections), run

@@ -10,19 +10,39 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import sys
 
+import alexnet
 from alexnet.commands import bench, demo, evaluate, experiments, prepare, summary, train
 from alexnet.errors import UserError
 
 MODULES = (summary, prepare, train, evaluate, demo, experiments, bench)
 
+# A paragraph of a module docstring that is a note for the code's readers, not for a user
+# (e.g. "Why one file of this length: ..."): left out of --help.
+_DEVELOPER_NOTE = re.compile(r"\n\s*\n(?:Why |Design:|Implementation note)")
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of every command and sub-command (add_parser makes subparsers of the parent's
+    class): no abbreviated flags (argparse would take `--model 2` for `--model-parallel 2`),
+    and a description without the developer notes of the docstring it is often taken from."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        description = kwargs.get("description")
+        if description:
+            kwargs["description"] = _DEVELOPER_NOTE.split(description, maxsplit=1)[0].rstrip()
+        super().__init__(*args, **kwargs)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="alexnet",
         description="AlexNet (Krizhevsky, Sutskever & Hinton, NIPS 2012), faithfully, on PyTorch.",
     )
+    parser.add_argument("--version", action="version", version=f"alexnet {alexnet.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in MODULES:

@@ -7,21 +7,20 @@ and shows a prediction. Re-running resumes whatever was interrupted and skips wh
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 from PIL import Image
 
 from alexnet.commands.evaluate import print_predictions
-from alexnet.config import get_profile
+from alexnet.config import RunConfig, RunSpec, apply_settings, get_profile
 from alexnet.data import open_store, prepare_store
 from alexnet.data.sources import FASHION_MNIST_DIR, idx_file
 from alexnet.errors import NotFound
 from alexnet.evaluate import load_model, predict_images
-from alexnet.fileio import exclusive_lock
-from alexnet.runlog import read_metrics
-from alexnet.train import RunConfig, Trainer, read_run_config
+from alexnet.runfolder import RunFolder
+from alexnet.runlog import read_metrics, shows_top5
+from alexnet.train import Trainer
 
 
 def _step(text: str) -> None:
@@ -48,7 +47,7 @@ def write_examples(store_path: Path, folder: Path, n: int = 3) -> list[Path]:
 
 def run_demo(args) -> int:
     t0 = time.perf_counter()
-    store, out, src = Path(args.store), Path(args.out), Path(args.source)
+    store, out, src = Path(args.data), Path(args.out), Path(args.source)
     if idx_file(src, "train-images-idx3-ubyte") is None:
         raise NotFound(
             f"{src}: no Fashion-MNIST IDX files; install Debian's package: "
@@ -58,28 +57,24 @@ def run_demo(args) -> int:
     _step(f"prepare Fashion-MNIST from {src} into {store}")
     prepare_store(src, store, kind="fashion-mnist")
 
+    folder = RunFolder(out)
     if (out / "config.json").exists():  # an earlier demo: finish it, or it is done
-        profile, run = read_run_config(out)
-        if args.epochs:
-            profile = dataclasses.replace(
-                profile, train=dataclasses.replace(profile.train, epochs=args.epochs)
-            )
-        resume = True
+        spec, resume = folder.read_spec(), True
     else:
-        profile = get_profile("demo")
-        if args.epochs:
-            profile = dataclasses.replace(
-                profile, train=dataclasses.replace(profile.train, epochs=args.epochs)
-            )
-        run, resume = RunConfig(data=str(store), out=str(out)), False
-    if len(_epochs(out)) >= profile.train.epochs:
+        spec = RunSpec.checked(get_profile("demo"), RunConfig(data=str(store), out=str(out)))
+        resume = False
+    if args.epochs:
+        spec = RunSpec.checked(
+            *apply_settings(spec.profile, spec.run, {"train.epochs": args.epochs})
+        )
+    if len(_epochs(out)) >= spec.profile.train.epochs:
         _step(f"{out} is already trained (delete it to train again)")
     else:
         what = "resume" if (out / "state.pt").exists() else "train"
         _step(f"{what} the paper's network, recipe `demo`, in {out}")
-        out.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(out):  # one writer (InUse for a second demo or train on it)
-            result = Trainer(profile, run, resume=resume).fit()
+        # one writer (InUse for a second demo or train on it); resumes the run it finds
+        with folder.hold(spec, resume) as resume:
+            result = Trainer(spec, resume=resume).fit()
         if result["status"] == "interrupted":
             print(f"interrupted; run `alexnet demo` again to continue {out}")
             return 130
@@ -87,10 +82,12 @@ def run_demo(args) -> int:
     # The validation at the end of the epoch is the evaluation on the full test set (the store's
     # val split is Fashion-MNIST's 10,000 test images), so it is not run a second time.
     final = [r for r in _epochs(out) if "val_top1_error" in r][-1]
+    five = shows_top5(open_store(store).num_classes)  # the rule of every command (10: shown)
     _step(
         f"test set ({final['val_images']:,} images, centre view): top-1 error "
-        f"{final['val_top1_error']:.2%}, top-5 error {final['val_top5_error']:.2%}, "
-        f"loss {final['val_loss']:.4f}"
+        f"{final['val_top1_error']:.2%}, "
+        + (f"top-5 error {final['val_top5_error']:.2%}, " if five else "")
+        + f"loss {final['val_loss']:.4f}"
     )
     print(
         f"    the same with the paper's ten views: alexnet evaluate {out} --data {store} --views 10"
@@ -112,8 +109,22 @@ def run_demo(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="prepare Fashion-MNIST, train the paper's net, evaluate")
-    p.add_argument("--out", default="runs/demo", help="the run folder (default runs/demo)")
-    p.add_argument("--store", default="data/fashion-mnist", help="the prepared store")
-    p.add_argument("--source", default=FASHION_MNIST_DIR, help="the IDX files")
-    p.add_argument("--epochs", type=int, help="override the demo recipe's epochs")
+    p.add_argument(
+        "--out",
+        "--output-dir",
+        default="runs/demo",
+        help="the run folder (default runs/demo; run again, it resumes or skips what is done)",
+    )
+    p.add_argument(
+        "--data",
+        "--store",
+        dest="data",
+        default="data/fashion-mnist",
+        metavar="STORE",
+        help="the prepared store it makes (default data/fashion-mnist; --store: the old name)",
+    )
+    p.add_argument(
+        "--source", default=FASHION_MNIST_DIR, help=f"the IDX files (default {FASHION_MNIST_DIR})"
+    )
+    p.add_argument("--epochs", type=int, help="the demo recipe's epochs (default 1) [train.epochs]")
     p.set_defaults(handler=run_demo)

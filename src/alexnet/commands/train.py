@@ -11,293 +11,256 @@ import sys
 from pathlib import Path
 
 from alexnet import distributed
-from alexnet.commands.outputs import make_output_folder, refuse_store
 from alexnet.config import (
+    CHOICES,
     PROFILES,
-    Profile,
-    apply_overrides,
-    check_profile,
+    SETTINGS,
+    RunConfig,
+    RunSpec,
+    apply_settings,
     flatten,
     get_profile,
-    replace_checked,
+    setting_field,
 )
 from alexnet.data import open_store
 from alexnet.errors import BadInput
-from alexnet.fileio import exclusive_lock
-from alexnet.train import RunConfig, Trainer, check_run_config, read_run_config, run_not_started
-from alexnet.train import __doc__ as TRAIN_DOC
+from alexnet.runfolder import RunFolder
+from alexnet.runlog import shows_top5
+from alexnet.train import Trainer
 
 DEFAULT_PROFILE = "paper"
+DESCRIPTION = """Train a network on a prepared store (alexnet prepare): the paper's recipe (Sec. 5)
+by default, resumable bit for bit.
+
+Every flag below sets a value of the configuration, named after it in brackets: --set
+SECTION.FIELD=VALUE sets any value (`alexnet profiles` lists them) and wins over a flag.
+The torchvision reference's spellings are accepted where they mean the same (--output-dir,
+--data-path, -j, --wd, --print-freq, --test-only); its -b is per GPU, ours the global batch.
+
+RUN (the --out folder) receives config.json (the whole resolved configuration: rerun it with
+--config RUN/config.json), metrics.jsonl, model.safetensors, state.pt (what --resume reads),
+curves.png and TensorBoard's events."""
+
+# The values a resumed run takes from the command line (the rest: from its config.json).
+RESUME_CHANGES = ("train.epochs", "run.device", "run.workers", "run.decode", "run.max_steps")
+
+
+def _freeze_until(text: str) -> float | str:
+    if text == "all":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of epochs, or 'all'") from None
+
+
+def _flag_type(key: str):
+    if key == "train.freeze_until":
+        return _freeze_until
+    kind = str(setting_field(key).type).replace(" | None", "")
+    return {"int": int, "float": float, "str": str}.get(kind, str)
+
+
+def add_setting_flags(p: argparse.ArgumentParser, keys=None) -> None:
+    """A flag for each configuration value of SETTINGS (alexnet.config) that `keys` names (all
+    by default): dest is the dotted key, default None (not given), and the help, choices and
+    aliases come from the table, so that a flag is the --set key it names."""
+    for key in keys or SETTINGS:
+        s = SETTINGS[key]
+        help_ = f"{s.help} [{key}]"
+        if str(setting_field(key).type).startswith("bool"):
+            p.add_argument(
+                *s.flags, dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_
+            )
+            continue
+        choices = tuple(c for c in CHOICES.get(key, ()) if c is not None) or None
+        p.add_argument(
+            *s.flags,
+            dest=key,
+            type=_flag_type(key),
+            choices=choices,
+            default=None,
+            metavar=s.metavar or (None if choices else key.partition(".")[2].upper()),
+            help=help_,
+        )
+
+
+def given_settings(args) -> dict[str, object]:
+    """{dotted key: value} of the setting flags the command line gave."""
+    return {k: getattr(args, k) for k in SETTINGS if getattr(args, k, None) is not None}
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="a prepared store (alexnet prepare)")
-    p.add_argument("--out", help="the run folder (created)")
     p.add_argument(
         "--profile",
         default=None,
-        help=f"recipe: one of {', '.join(PROFILES)} (default {DEFAULT_PROFILE})",
+        choices=tuple(PROFILES),
+        help=f"the recipe to start from (default {DEFAULT_PROFILE})",
     )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="the global batch (split over ranks)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int, default=None, help="(default 0)")
+    p.add_argument(
+        "--config",
+        metavar="RUN/config.json",
+        help="start from the configuration a run recorded (its profile and run settings): "
+        "reruns that run, with --out NEW_RUN and any flag changing it",
+    )
     p.add_argument(
         "--resume",
         nargs="?",
         const=True,
         default=False,
         metavar="RUN",
-        help="continue RUN (or --out) from its last checkpoint, exactly, with the recipe and "
-        "settings its config.json records (--epochs, --device, --workers, --decode and "
-        "--max-steps apply; other flags that differ are named in a warning and ignored)",
+        help="continue RUN (a run folder or a file in it; or --out) from its last checkpoint, "
+        "exactly, with the recipe and settings its config.json records (--epochs, --device, "
+        "--workers, --decode and --max-steps apply; other flags that differ are named in a "
+        "warning and ignored). torchvision's --resume CHECKPOINT: the same",
     )
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override any profile value, e.g. --set model.lrn=false --set data.lighting_std=0",
+        help="set any value (SECTION: model, data, train, run), e.g. --set model.lrn=false "
+        "--set data.lighting_std=0; wins over the flags",
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument(
-        "--model-parallel",
-        type=int,
-        choices=(1, 2),
-        default=None,
-        metavar="{1,2}",
-        help="2: the paper's two towers on two GPUs (cuda:k and cuda:k+1); with torchrun, each "
-        "rank drives 2 GPUs (default 1)",
-    )
-    p.add_argument("--workers", type=int, help="data loader worker processes")
-    p.add_argument(
-        "--decode",
-        choices=("auto", "cpu", "gpu"),
-        default=None,
-        help="where JPEG records are decoded: the loader workers (cpu), the GPU (nvJPEG), or "
-        "auto: the GPU on CUDA when a short measurement at the start finds it faster (default)",
-    )
-    p.add_argument("--no-fast", action="store_true", help="float32 and default memory format")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument(
-        "--checkpoint-every", type=int, default=None, metavar="STEPS", help="(default 0)"
-    )
-    p.add_argument("--log-every", type=int, default=None, metavar="STEPS", help="(default 20)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
-    p.add_argument(
-        "--val-limit",
-        type=int,
-        help="validate on N images spread evenly over the split (a class-balanced sample)",
-    )
-    g = p.add_argument_group(
-        "fine-tuning (Sec. 6: pre-trained, then fine-tuned)",
-        "Start from other weights: every tensor whose name and shape match is loaded bit for "
-        "bit; the classifier (fc8) keeps the profile's initialisation when the class names "
-        "differ. config.json records what was loaded and what was not.",
-    )
-    g.add_argument("--init", metavar="RUN_OR_WEIGHTS", help="weights to start from")
-    g.add_argument(
-        "--init-lr-mult",
-        type=float,
-        metavar="F",
-        help="the loaded layers' lr is F times the new layers' (default 1: the same)",
-    )
-    g.add_argument(
-        "--freeze-until",
-        metavar="EPOCHS",
-        help="the loaded layers keep still (lr 0) until this epoch; 'all': the whole run "
-        "(default 0: never)",
-    )
-    g.add_argument(
-        "--init-stats",
-        choices=("store", "init"),
-        default=None,
-        help="the mean image and colour statistics of the training store (default, as the paper "
-        "fine-tuned with ILSVRC-2012's own mean) or those saved with the --init weights",
+        "--test-only",
+        action="store_true",
+        help="evaluate the run of --resume RUN on its validation split (centre view, as after "
+        "each epoch) and train nothing (torchvision's --test-only)",
     )
     p.add_argument(
         "--distributed",
         action="store_true",
         help="data parallel under torchrun (the same as launching with torchrun)",
     )
+    add_setting_flags(p)
 
 
-def config_from_args(args) -> tuple[Profile, RunConfig, bool]:
-    """The resolved (profile, run) for `alexnet train` arguments; on --resume, the run's own
-    config.json, with only the run settings that may change (device, workers) taken from flags."""
-    resume = args.resume
-    if resume:
-        out = Path(resume if isinstance(resume, str) else (args.out or ""))
-        if not str(out):
+def _with_flags(args, profile, run) -> tuple:
+    """The profile and run settings with the command line's flags and --set applied."""
+    flags = given_settings(args)
+    profile, run = apply_settings(profile, run, flags, args.set)
+    t = profile.train
+    if (
+        (t.init_lr_mult != 1.0 or t.freeze_until)
+        and not run.init
+        and ("train.init_lr_mult" in flags or "train.freeze_until" in flags)
+    ):
+        raise BadInput("--init-lr-mult and --freeze-until act on the layers loaded by --init")
+    return profile, run
+
+
+def config_from_args(args) -> tuple[RunSpec, bool]:
+    """The resolved, checked configuration for `alexnet train` arguments, and whether it
+    resumes. On --resume, the run's own config.json with only the values of RESUME_CHANGES
+    taken from the flags; with --config FILE, that file's, changed by the flags; else the
+    profile's and the run defaults, changed by the flags."""
+    flags = given_settings(args)
+    if args.resume:
+        folder = RunFolder(args.resume if isinstance(args.resume, str) else (args.out or ""))
+        if not str(args.resume if isinstance(args.resume, str) else (args.out or "")):
             raise BadInput("--resume needs the run folder: --resume RUN or --out RUN")
-        profile, run = read_run_config(out)
-        mp = getattr(args, "model_parallel", None)
-        if mp is not None and mp != run.model_parallel:
+        spec = folder.read_spec()
+        mp = flags.get("run.model_parallel")
+        if mp is not None and mp != spec.run.model_parallel:
             raise BadInput(
-                f"{out} was trained with --model-parallel {run.model_parallel}; its optimiser "
-                f"state is laid out for that and it resumes only with the same (got {mp})"
+                f"{folder} was trained with --model-parallel {spec.run.model_parallel}; its "
+                f"optimiser state is laid out for that and it resumes only with the same (got {mp})"
             )
-        # --max-steps belongs to one invocation, not to the run: a resumed run goes on to its end.
-        changes = {"out": str(out), "max_steps": args.max_steps}
-        for flag, field in (("device", "device"), ("workers", "workers"), ("decode", "decode")):
-            v = getattr(args, flag)
-            if v is not None and v != "auto":
-                changes[field] = v
-        if args.epochs is not None:  # extend a finished run
-            profile = dataclasses.replace(
-                profile, train=dataclasses.replace(profile.train, epochs=args.epochs)
-            )
-        ignored = ignored_on_resume(args, out, profile, run)
+        ignored = ignored_on_resume(args, folder.path, spec)
         if ignored and distributed.env_rank() == 0:
             print(
-                f"warning: --resume {out} goes on with the recipe and settings its config.json "
+                f"warning: --resume {folder} goes on with the recipe and settings its config.json "
                 f"records; ignored: {', '.join(ignored)}. To change them, start a new run from "
-                f"its weights: --init {out} --out NEW_RUN",
+                f"its weights: --init {folder} --out NEW_RUN",
                 file=sys.stderr,
             )
-        run = dataclasses.replace(run, **changes)
-        return check_profile(profile), check_run_config(run), True
-    if not args.data or not args.out:
-        raise BadInput("--data STORE and --out RUN are required (or --resume RUN)")
-    profile = get_profile(args.profile or DEFAULT_PROFILE)
-    train_over = {}
-    for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr")):
-        v = getattr(args, flag)
-        if v is not None:
-            train_over[field] = v
-    if args.init_lr_mult is not None:
-        train_over["init_lr_mult"] = args.init_lr_mult
-    profile = dataclasses.replace(
-        profile, train=replace_checked(profile.train, "train", **train_over)
-    )
-    profile = apply_overrides(profile, args.set)
-    if args.freeze_until is not None:
-        until = profile.train.epochs if args.freeze_until == "all" else _epochs(args.freeze_until)
-        profile = dataclasses.replace(
-            profile, train=dataclasses.replace(profile.train, freeze_until=until)
-        )
-    if (args.init_lr_mult is not None or args.freeze_until is not None) and not args.init:
-        raise BadInput("--init-lr-mult and --freeze-until act on the layers loaded by --init")
-    if args.val_limit is not None and args.val_limit < 1:  # before an epoch, not after it
-        raise BadInput(f"--val-limit must be at least 1, got {args.val_limit}")
-    out = Path(args.out)
-    run = RunConfig(
-        data=args.data,
-        out=str(out),
-        seed=args.seed if args.seed is not None else 0,
-        device=args.device,
-        model_parallel=args.model_parallel or 1,
-        workers=args.workers,
-        decode=args.decode or "auto",
-        fast=not args.no_fast,
-        compile=args.compile,
-        checkpoint_every=args.checkpoint_every if args.checkpoint_every is not None else 0,
-        log_every=args.log_every if args.log_every is not None else 20,
-        max_steps=args.max_steps,
-        val_limit=args.val_limit,
-        init=args.init or "",
-        init_stats=args.init_stats or "store",
-    )
+        # --max-steps belongs to one invocation, not to the run: a resumed run goes on to its end.
+        changes = {"run.out": str(folder), "run.max_steps": flags.get("run.max_steps")}
+        changes.update({k: v for k, v in flags.items() if k in RESUME_CHANGES[:-1]})
+        if changes.get("run.device") == "auto":
+            del changes["run.device"]
+        profile, run = apply_settings(spec.profile, spec.run, changes)
+        return RunSpec.checked(profile, run), True
+    if args.config:
+        if args.profile:
+            raise BadInput("--config and --profile: give one (the config names its profile)")
+        base = RunFolder(args.config, flag="--config").read_spec()
+        profile, run = _with_flags(args, base.profile, base.run)
+    else:
+        if "run.data" not in flags or "run.out" not in flags:
+            raise BadInput(
+                "--data STORE and --out RUN are required (or --resume RUN, or --config "
+                "RUN/config.json)"
+            )
+        profile, run = _with_flags(args, get_profile(args.profile or DEFAULT_PROFILE), RunConfig())
     # Every value checked before anything is written (`--lr nan` writes nothing).
-    return check_profile(profile), check_run_config(run), False
+    return _checked(profile, run, flags, args.set), False
 
 
-# The profile fields that flags of their own set (the others: --set SECTION.FIELD=VALUE).
-_TRAIN_FLAGS = {
-    "train.batch_size": "--batch-size",
-    "train.lr": "--lr",
-    "train.init_lr_mult": "--init-lr-mult",
-    "train.freeze_until": "--freeze-until",
-}
+def _checked(profile, run, flags: dict, sets: list[str]) -> RunSpec:
+    """RunSpec.checked; a value refused names the flag that gave it (--set wins over flags)."""
+    try:
+        return RunSpec.checked(profile, run)
+    except BadInput as e:
+        key = str(e).split("=", 1)[0].split(" ", 1)[0]
+        set_keys = {item.partition("=")[0] for item in sets}
+        if key in flags and key not in set_keys:
+            raise BadInput(f"{_shown(key, flags[key], set())}: {e}") from None
+        raise
 
 
 def _same_path(a: str, b: str) -> bool:
     return a == b or Path(a).resolve() == Path(b).resolve()
 
 
-def ignored_on_resume(args, out: Path, profile: Profile, run: RunConfig) -> list[str]:
+def _as_json(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def _shown(key: str, value, set_keys: set[str]) -> str:
+    """How the command line gave `key` = `value`: its flag, or --set."""
+    if key in SETTINGS and key not in set_keys:
+        flag = next(f for f in SETTINGS[key].flags if f.startswith("--"))
+        if isinstance(value, bool):
+            return f"--{'' if value else 'no-'}{flag[2:]}"
+        return f"{flag} {value}"
+    return f"--set {key}={value}"
+
+
+def ignored_on_resume(args, out: Path, spec: RunSpec) -> list[str]:
     """The flags given with --resume that ask for something other than the run's config.json
     records, each as "FLAG VALUE (the run's: VALUE)": a resumed run goes on with its own
     recipe and settings, so they are ignored. Flags that agree with it (a torchrun restart
     repeats the run's own command line) are not named."""
     ignored = []
-    if args.profile is not None and args.profile != profile.name:
-        ignored.append(f"--profile {args.profile} (the run's: {profile.name})")
-    over = {
-        field: getattr(args, field)
-        for field in ("batch_size", "lr", "init_lr_mult")
-        if getattr(args, field) is not None
-    }
-    asked = dataclasses.replace(profile, train=dataclasses.replace(profile.train, **over))
-    asked = apply_overrides(asked, args.set)  # a malformed --set is an error all the same
-    if args.freeze_until is not None:
-        until = asked.train.epochs if args.freeze_until == "all" else _epochs(args.freeze_until)
-        asked = dataclasses.replace(
-            asked, train=dataclasses.replace(asked.train, freeze_until=until)
-        )
-    mine, theirs = flatten(_as_json(asked.to_dict())), flatten(_as_json(profile.to_dict()))
+    if args.profile is not None and args.profile != spec.profile.name:
+        ignored.append(f"--profile {args.profile} (the run's: {spec.profile.name})")
+    run = dataclasses.replace(spec.run, out=str(out))
+    flags = {k: v for k, v in given_settings(args).items() if k not in RESUME_CHANGES}
+    if not isinstance(args.resume, str):
+        flags.pop("run.out", None)  # --resume --out RUN: the run's own folder
+    # (a malformed --set is an error all the same)
+    asked_profile, asked_run = apply_settings(spec.profile, run, flags, args.set)
     set_keys = {item.partition("=")[0] for item in args.set}
+    mine = flatten(_as_json({**asked_profile.to_dict(), "run": dataclasses.asdict(asked_run)}))
+    theirs = flatten(_as_json({**spec.profile.to_dict(), "run": dataclasses.asdict(run)}))
     for key, value in mine.items():
-        if key in ("name", "description") or value == theirs.get(key):
+        if key in ("name", "description") or key in RESUME_CHANGES or value == theirs.get(key):
             continue
-        flag = (
-            f"{_TRAIN_FLAGS[key]} {value}"
-            if key in _TRAIN_FLAGS and key not in set_keys
-            else f"--set {key}={value}"
-        )
-        ignored.append(f"{flag} (the run's: {theirs.get(key)})")
-    given = {
-        "--data": args.data,
-        "--out": args.out if isinstance(args.resume, str) else None,
-        "--seed": args.seed,
-        "--init": args.init,
-        "--init-stats": args.init_stats,
-        "--checkpoint-every": args.checkpoint_every,
-        "--log-every": args.log_every,
-        "--val-limit": args.val_limit,
-    }
-    recorded = {
-        "--data": run.data,
-        "--out": str(out),
-        "--seed": run.seed,
-        "--init": run.init,
-        "--init-stats": run.init_stats,
-        "--checkpoint-every": run.checkpoint_every,
-        "--log-every": run.log_every,
-        "--val-limit": run.val_limit,
-    }
-    for flag, value in given.items():
-        if value is None or value == recorded[flag]:
-            continue
-        if flag in ("--data", "--out", "--init") and recorded[flag]:
-            if _same_path(value, recorded[flag]):
+        if key in ("run.data", "run.out", "run.init") and theirs[key] and value:
+            if _same_path(value, theirs[key]):
                 continue
-        ignored.append(f"{flag} {value} (the run's: {recorded[flag] or 'none'})")
-    if args.no_fast and run.fast:
-        ignored.append("--no-fast (the run's: fast)")
-    if args.compile is not None and args.compile != run.compile:
-        ignored.append(
-            f"--{'' if args.compile else 'no-'}compile (the run's: "
-            f"{'default' if run.compile is None else run.compile})"
-        )
+        ignored.append(f"{_shown(key, value, set_keys)} (the run's: {theirs.get(key) or 'none'})")
     return ignored
 
 
-def _as_json(x):
-    return json.loads(json.dumps(x, default=str))
-
-
-def _lock_run_folder(held: contextlib.ExitStack, profile, run, resume: bool) -> bool:
-    """Take the run folder for this command's whole life (InUse if another command has it),
-    and say whether the Trainer resumes: a new run in a folder that holds the same command
-    line's run killed before its first checkpoint (a torchrun restart) starts it over."""
-    out = Path(run.out)
+def _hold_run_folder(held: contextlib.ExitStack, spec: RunSpec, resume: bool) -> bool:
+    """Take the run folder for this command's whole life (RunFolder.hold) and say whether the
+    Trainer resumes; a wrong --data is an error before the folder is made."""
     if not resume:
-        open_store(run.data)  # a wrong --data is an error before the folder is made
-        refuse_store(out, "--out")
-        make_output_folder(out, "--out")
-    held.enter_context(exclusive_lock(out))
-    return resume or run_not_started(out, profile, run)
+        open_store(spec.run.data)
+    return held.enter_context(RunFolder(spec.run.out).hold(spec, resume))
 
 
 def check_freeze(trainer: Trainer) -> None:
@@ -332,23 +295,48 @@ def elastic_restart() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
+def top_errors(metrics: dict, num_classes: int, prefix: str = "val_") -> str:
+    """ "top-1 error X%, top-5 Y%": top-5 only where it means something (more than 5 classes;
+    with 5 or fewer it is always 0)."""
+    text = f"top-1 error {metrics[prefix + 'top1_error']:.2%}"
+    if shows_top5(num_classes):
+        text += f", top-5 {metrics[prefix + 'top5_error']:.2%}"
+    return text
+
+
+def test_only(spec: RunSpec) -> int:
+    """--test-only: the run's last weights on its validation split, as after each epoch."""
+    with RunFolder(spec.run.out).hold(spec, resume=True):
+        trainer = Trainer(spec, resume=True)
+        try:
+            v = trainer.evaluate()
+        finally:
+            trainer.close_loaders()
+    print(
+        f"{spec.run.out} at step {trainer.pos.step}: val {top_errors(v, trainer.num_classes, '')}"
+        f", loss {v['loss']:.4f} ({v['images']:,} images, centre view)"
+    )
+    return 0
+
+
 def run_train(args) -> int:
-    if (
-        not args.resume
-        and elastic_restart()
-        and args.out
-        and (Path(args.out) / "state.pt").exists()
-    ):
+    out = getattr(args, "run.out")
+    if not args.resume and elastic_restart() and out and (Path(out) / "state.pt").exists():
         # torchrun restarted the workers after a failure (--max-restarts): continue the run.
-        args.resume = args.out
-    profile, run, resume = config_from_args(args)
+        args.resume = out
+    if args.test_only and not args.resume:
+        raise BadInput("--test-only evaluates a run: give it with --resume RUN")
+    spec, resume = config_from_args(args)
+    if args.test_only:
+        return test_only(spec)
+    run = spec.run
     with contextlib.ExitStack() as held:
         if distributed.env_rank() == 0:  # the rank that writes the run folder
-            resume = _lock_run_folder(held, profile, run, resume)
+            resume = _hold_run_folder(held, spec, resume)
         with distributed.context(
             run.device, requested=args.distributed, model_parallel=run.model_parallel
         ) as dist:
-            trainer = Trainer(profile, run, resume=resume, dist=dist)
+            trainer = Trainer(spec, resume=resume, dist=dist)
             if not resume:
                 check_freeze(trainer)
             try:
@@ -364,10 +352,17 @@ def run_train(args) -> int:
             print(f"interrupted; checkpoint saved. Continue with: alexnet train --resume {run.out}")
             return 130
         last = result.get("last_epoch")
-        if last:
+        step = result["position"]["step"]
+        if status == "max_steps" and result["position"]["epoch"] < spec.profile.train.epochs:
+            # not the end of the recipe: say so (it printed "done" with the last epoch's error)
             print(
-                f"done: val top-1 error {last['val_top1_error']:.2%}, top-5 "
-                f"{last['val_top5_error']:.2%}; weights {where}; curves {run.out}/curves.png"
+                f"stopped at step {step} (--max-steps); checkpoint saved. Continue with: "
+                f"alexnet train --resume {run.out}"
+            )
+        elif last:
+            print(
+                f"done: val {top_errors(last, trainer.num_classes)}; weights {where}; curves "
+                f"{run.out}/curves.png"
             )
     return 0
 
@@ -376,7 +371,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train a network on a prepared store (the paper's recipe by default)",
-        description=TRAIN_DOC,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_train_arguments(p)

@@ -252,15 +252,31 @@ class _TrainBatches(_Batches):
         return self._make(spec, idx, ys, xs, flips, offsets)
 
 
-def spread_indices(size: int, n: int | None) -> np.ndarray:
-    """n indices spread evenly over 0..size-1 (all of them for None or n >= size): a
-    class-balanced sample even of a store whose images are sorted by class (folder trees are),
-    unlike the first n."""
+def spread_indices(size: int, n: int | None, labels: np.ndarray | None = None) -> np.ndarray:
+    """n indices of 0..size-1, sorted (all of them for None or n >= size). With `labels` (one
+    per image) a class-balanced sample: every class gets n // classes images, or all it has
+    when it has fewer, the rest shared out one each (so the counts differ by at most one
+    where the classes allow), each class's spread evenly over its images. Without, n spread
+    evenly over the split: balanced only where the store is sorted by class (folder trees;
+    Fashion-MNIST's test set is not: 500 of its images spread so gave 37-63 per class)."""
     if n is None or n >= size:
         return np.arange(size)
     if n < 1:
         raise BadInput(f"limit must be at least 1, got {n}")
-    return np.unique(np.linspace(0, size - 1, n).round().astype(np.int64))
+    if labels is None:
+        return np.unique(np.linspace(0, size - 1, n).round().astype(np.int64))
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    quota, left = [0] * len(members), n
+    # Smallest classes first: one that cannot fill its equal share leaves the rest to others.
+    order = sorted(range(len(members)), key=lambda c: len(members[c]))
+    for j, c in enumerate(order):
+        quota[c] = min(len(members[c]), left // (len(order) - j))
+        left -= quota[c]
+    for c in range(len(members)):  # the remainder, one more to each class with room, in order
+        if left and quota[c] < len(members[c]):
+            quota[c], left = quota[c] + 1, left - 1
+    picked = [m[np.arange(q) * len(m) // q] for m, q in zip(members, quota, strict=True) if q]
+    return np.sort(np.concatenate(picked))
 
 
 class _EvalBatches(_Batches):
@@ -271,7 +287,7 @@ class _EvalBatches(_Batches):
     def __init__(self, store, split, spec, batch_size, views, rank, world, limit, gpu_decode):
         super().__init__(store, split, gpu_decode)
         self.spec, self.batch_size, self.views = spec, batch_size, views
-        self.index = spread_indices(store.size(split), limit)
+        self.index = spread_indices(store.size(split), limit, store.labels(split))
         n = len(self.index)
         self.lo, self.hi = rank * n // world, (rank + 1) * n // world
         self.starts = list(range(self.lo, self.hi, batch_size))
@@ -523,11 +539,16 @@ class TrainLoader:
         split: str = "train",
         decode: str = "auto",
         stats=None,  # the store's own statistics unless given (fine-tuning: --init-stats init)
+        # Batches per epoch: the first N of each epoch's order (the trainer's epoch length,
+        # config.RunSpec.steps_per_epoch); default every whole global batch of the split.
+        epoch_batches: int | None = None,
     ):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise BadInput(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
         n = store.size(split)
         self.num_batches = n // (batch_size * world_size)
+        if epoch_batches is not None:
+            self.num_batches = min(self.num_batches, epoch_batches)
         if self.num_batches == 0:
             raise BadInput(
                 f"the {split} split has {n} images, fewer than one global batch of "
@@ -545,16 +566,13 @@ class TrainLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def epoch(
-        self, epoch: int, start_batch: int = 0, stop: int | None = None, lighting: bool = True
-    ) -> _Loader:
-        """Batches start_batch .. stop-1 (default: to the epoch's end) of epoch `epoch`, exactly
-        those an uninterrupted epoch yields there. `lighting=False` turns PCA lighting off
-        (cuda-convnet switched colour noise off at epoch 67)."""
-        stop = self.num_batches if stop is None else min(stop, self.num_batches)
-        if not 0 <= start_batch <= stop:
-            raise BadInput(f"start_batch {start_batch} outside 0..{stop}")
-        keys = [(epoch, b, bool(lighting)) for b in range(start_batch, stop)]
+    def epoch(self, epoch: int, start_batch: int = 0, lighting: bool = True) -> _Loader:
+        """Batches start_batch .. len()-1 of epoch `epoch`, exactly those an uninterrupted epoch
+        yields there. `lighting=False` turns PCA lighting off (cuda-convnet switched colour
+        noise off at epoch 67)."""
+        if not 0 <= start_batch <= self.num_batches:
+            raise BadInput(f"start_batch {start_batch} outside 0..{self.num_batches}")
+        keys = [(epoch, b, bool(lighting)) for b in range(start_batch, self.num_batches)]
         spec = self.specs[bool(lighting)]
         return _Loader(self._workers, keys, spec, self.device, 1, self.num_batches)
 
