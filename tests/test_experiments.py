@@ -8,13 +8,26 @@ import base64
 import io
 import json
 import re
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from alexnet.config import get_profile
 from alexnet.experiments import neighbors as NB
+from alexnet.experiments.common import (
+    Metric,
+    Row,
+    Study,
+    plot_study,
+    run_study,
+    study_table,
+    summarise_study,
+    write_study,
+)
 from alexnet.experiments.report import build_report
 
 
@@ -123,11 +136,22 @@ def test_report_sections_numbers_and_images(tiny_run, tiny_store, tmp_path):
     ]
     last = epochs[-1]
     assert f"{100 * last['val_top1_error']:.2f}%" in text
-    assert f"{100 * last['val_top5_error']:.2f}%" in text
+    # Issue 20: 3 classes, so no top-5 column (always 0); each score beside its reference:
+    # chance (1 - 1/3 top-1, ln 3 loss), conv1's untrained colour share (2/3), and the share
+    # of same-class neighbours a random pick among the 36 training images gives (12 per class).
+    errors = text[text.index('id="errors"') : text.index('id="curves"')]
+    assert "top-5" not in errors.split("</table>")[0] and "66.67%" in errors and "1.0986" in errors
+    kern = text[text.index('id="kernels"') : text.index('id="neighbors"')]
+    assert "<th>untrained</th>" in kern and kern.count("<td>0.667</td>") == 2
+    assert "picked at random among those images: 33%" in text
+    # Provenance: trained from scratch with the demo recipe; the config behind a fold.
+    assert "scratch" in text and "<td>recipe</td><td>demo: " in text
+    assert "<details>" in text[text.index('id="config"') :]
     # The profile against the paper's: the batch size and epochs differ (12 vs 128, 1 vs 90).
     dev = text[text.index('id="deviations"') : text.index('id="config"')]
     assert "<td>train.batch_size</td><td>12</td><td>128</td>" in dev
     assert "<td>train.epochs</td><td>1</td><td>90</td>" in dev
+    assert dev.count("train.batch_size") == 1  # one list, not the table and the recorded list
     # The kernel numbers are those `alexnet kernels` computes for the run.
     k = json.loads((tmp_path / "r_files" / "kernels" / "kernels.json").read_text())
     assert f"{k['towers']['A']['chroma_share_mean']:.3f}" in text
@@ -135,7 +159,122 @@ def test_report_sections_numbers_and_images(tiny_run, tiny_store, tmp_path):
     from alexnet.commands import main
 
     assert main(["report", str(tmp_path / "nope")]) == 2
-    # Without a store, the neighbours section says why.
-    page2 = build_report(tiny_run, tmp_path / "r2.html", data=str(tmp_path / "nowhere"))
-    t2 = page2.read_text()
+    # Without a store, the neighbours section says why. A fine-tuned run says from what: here
+    # the tiny run's weights loaded into a 2-class net (config.json's derived.init, as
+    # `train --init` records it).
+    import shutil
+
+    from alexnet import checkpoint
+    from alexnet.model import build_model
+
+    ft = tmp_path / "ft"
+    shutil.copytree(tiny_run, ft, ignore=shutil.ignore_patterns("*.tfevents.*", "state.pt"))
+    cfg = json.loads((ft / "config.json").read_text())
+    torch.manual_seed(0)
+    two = build_model(get_profile("demo"), num_classes=2)
+    cfg["derived"]["init"] = checkpoint.init_from(two, tiny_run / "model.safetensors", ["x", "y"])
+    (ft / "config.json").write_text(json.dumps(cfg))
+    t2 = build_report(ft, tmp_path / "r2.html", data=str(tmp_path / "nowhere")).read_text()
     assert "Skipped" in t2 and len(_embedded_pngs(t2)) == 2
+    run = t2[t2.index('id="run"') : t2.index('id="errors"')]
+    assert f"fine-tuned from {tiny_run / 'model.safetensors'}" in run
+    n = len(two.state_dict())
+    assert f"{n - 2} of {n} tensors" in run and "fc8.weight: the classifier: 3 classes" in run
+
+
+def _toy_run(row, seed, folder, spec):
+    """A real (tiny) computation per (row, seed): the least-squares slope of 50 noisy points
+    y = row's slope * x + noise(seed); its error against the true slope."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, 50)
+    y = row.note["slope"] * x + rng.normal(0, row.note["noise"], 50)
+    slope = float(np.polyfit(x, y, 1)[0])
+    return {"slope": slope, "error": abs(slope - row.note["slope"])}
+
+
+def test_toy_study_end_to_end(tmp_path):
+    """The study engine on two rows x two seeds: runs, caches (a rerun runs nothing), and writes
+    the table (mean, range, 95% t-interval), the JSON with its provenance, and the figure."""
+    calls = []
+
+    def run(row, seed, folder, spec):
+        calls.append((row.key, seed))
+        return _toy_run(row, seed, folder, spec)
+
+    rows = [Row("steep", "slope 2", note={"slope": 2.0, "noise": 0.1}),
+            Row("flat", "slope 0.5", note={"slope": 0.5, "noise": 0.3})]  # fmt: skip
+    metrics = [Metric("slope", "slope", digits=3), Metric("error", "error", digits=3)]
+    study = Study("toy", tmp_path, rows, (0, 1), {"points": 50},
+                  lambda row, seed: {"slope": row.note["slope"]}, run, metrics)  # fmt: skip
+    results = run_study(study)
+    assert sorted(calls) == [("flat", 0), ("flat", 1), ("steep", 0), ("steep", 1)]
+    summary = summarise_study(study, results)
+    write_study(tmp_path, "toy", summary, study_table(summary, metrics),
+                lambda p: plot_study(summary, metrics, p, "toy"))  # fmt: skip
+    data = json.loads((tmp_path / "toy.json").read_text())
+    for row in rows:  # independent: the two fits again, then mean, range and t-interval
+        slopes = [_toy_run(row, s, None, None)["slope"] for s in (0, 1)]
+        got = next(r for r in data["rows"] if r["key"] == row.key)["slope"]
+        mean, sd = np.mean(slopes), np.std(slopes, ddof=1)
+        half = 12.706 * sd / np.sqrt(2)  # t(0.975, 1 d.f.) from a statistics table
+        assert got["mean"] == pytest.approx(mean) and got["std"] == pytest.approx(sd)
+        assert (got["min"], got["max"]) == (min(slopes), max(slopes))
+        assert got["ci95"] == pytest.approx([mean - half, mean + half], rel=1e-4)
+        line = next(x for x in (tmp_path / "toy.md").read_text().splitlines()
+                    if x.startswith(f"| {row.label} |"))  # fmt: skip
+        assert f"| {mean:.3f} ({min(slopes):.3f}-{max(slopes):.3f}) |" in line
+        assert f"| [{mean - half:.3f}, {mean + half:.3f}] |" in line
+    assert "| slope 95% CI |" in (tmp_path / "toy.md").read_text()
+    prov = data["provenance"]
+    assert prov["torch"] == torch.__version__ and prov["date"] and prov["cpu"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent)  # fmt: skip
+    if head.returncode == 0:  # run from a checkout: the commit is this one
+        assert prov["commit"] == head.stdout.strip()
+    assert Image.open(tmp_path / "toy.png").size[0] > 400
+    assert (tmp_path / "runs" / "steep-seed1" / "result.json").exists()
+    calls.clear()  # a rerun reuses every run; a changed spec reruns that row only
+    assert run_study(study) == results and calls == []
+    study.rows = [rows[0], Row("flat", "slope 0.5", note={"slope": 0.7, "noise": 0.3})]
+    run_study(study)
+    assert sorted(calls) == [("flat", 0), ("flat", 1)]
+
+
+def test_t_quantiles_against_scipy():
+    """The fallback t table (used without scipy) against scipy's quantiles."""
+    stats = pytest.importorskip("scipy.stats")
+    from alexnet.experiments import common
+
+    for df in range(1, 31):
+        assert common._T95[df - 1] == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)
+    for df in (40, 60, 120, 1000):  # the large-df approximation
+        assert 1.96 + 2.5 / df == pytest.approx(stats.t.ppf(0.975, df), abs=3e-3)
+    s = common.seed_stats([1.0, 2.0, 4.0, None])
+    assert s["mean"] is None and s["reached"] == 3 and (s["min"], s["max"]) == (1.0, 4.0)
+
+
+def test_study_commands_flags_have_help_and_no_abbreviations(capsys):
+    """The one registration serves figure1, ablate, recipes and finetune: every flag says what
+    it does, and a shortened flag is an error, not a guess."""
+    import argparse
+
+    from alexnet.commands import experiments as E
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    E.register(sub)
+    for c in E.STUDIES:
+        p = sub.choices[c.name]
+        assert p.description == c.module.__doc__ and not p.allow_abbrev
+        for a in p._actions:
+            assert a.help, (c.name, a.option_strings)
+        with pytest.raises(SystemExit):
+            parser.parse_args([c.name, "--ou", "x"])
+    args = parser.parse_args(["figure1", "--quick", "--net", "layers-80sec", "--seeds", "1"])
+    cfg = E.figure1_config(args)
+    assert (cfg.net, cfg.seeds, cfg.epochs, cfg.out) == ("layers-80sec", 1, 3, "runs/figure1")
+    args = parser.parse_args(["ablate", "--quick", "--only", "lrn", "--set", "train.lr=0.1"])
+    cfg = E.ablate_config(args)
+    assert (cfg.steps, cfg.only, cfg.sets, cfg.store_limit) == (24, ("lrn",), ("train.lr=0.1",),
+                                                                2000)  # fmt: skip
+    capsys.readouterr()

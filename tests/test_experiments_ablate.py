@@ -30,10 +30,11 @@ CHANGED = {
 def test_variants_cover_the_paper_and_build():
     assert [v.key for v in A.VARIANTS] == ROWS
     for key, (t1, t5) in PAPER.items():
-        assert (A.BY_KEY[key].paper_top1, A.BY_KEY[key].paper_top5) == (t1, t5)
-    assert "1" in A.BY_KEY["lighting"].paper_top1  # "over 1%" (Sec. 4.1)
+        note = A.BY_KEY[key].note
+        assert (note["paper_delta_top1"], note["paper_delta_top5"]) == (t1, t5)
+    assert "1" in A.BY_KEY["lighting"].note["paper_delta_top1"]  # "over 1%" (Sec. 4.1)
     for k in ("conv3", "conv4", "conv5"):
-        assert "2" in A.BY_KEY[k].paper_top1  # "about 2%" (Sec. 7)
+        assert "2" in A.BY_KEY[k].note["paper_delta_top1"]  # "about 2%" (Sec. 7)
     cfg = A.AblateConfig(batch_size=16)
     for v in A.VARIANTS:  # every override is a valid profile change
         p = A.variant_profile(cfg, v)
@@ -79,6 +80,7 @@ def test_schedule_fits_the_budget():
 
 def test_table_holds_every_row_with_paired_deltas(tiny_store):
     from alexnet.data import open_store
+    from alexnet.experiments.common import summarise_study
 
     rng = np.random.default_rng(0)
     results = {}
@@ -97,10 +99,13 @@ def test_table_holds_every_row_with_paired_deltas(tiny_store):
             }
             for s in (0, 1)
         ]
-    cfg = A.AblateConfig(seeds=2, steps=10)
-    summary = A.summarise(cfg, list(A.VARIANTS), results, open_store(tiny_store))
+    cfg = A.AblateConfig(seeds=2, steps=10, batch_size=12)
+    st = open_store(tiny_store)
+    study = A.ablate_study(cfg, tiny_store)
+    summary = A.summarise(cfg, summarise_study(study, results), results, st)
     assert [r["key"] for r in summary["rows"]] == ROWS
     assert summary["baseline_profile"] == {"name": "baseline"}  # what the runs recorded
+    assert summary["provenance"]["torch"] and summary["provenance"]["date"]
     base = results["baseline"]
     for row in summary["rows"]:
         rs = results[row["key"]]
@@ -109,19 +114,26 @@ def test_table_holds_every_row_with_paired_deltas(tiny_store):
         d5 = [100 * (rs[s]["val_top5_error"] - base[s]["val_top5_error"]) for s in (0, 1)]
         assert row["delta_top1"]["mean"] == pytest.approx(sum(d1) / 2)
         assert row["delta_top5"]["mean"] == pytest.approx(sum(d5) / 2)
-        assert row["delta_top1"]["std"] == pytest.approx(abs(d1[0] - d1[1]) / np.sqrt(2))
+        sd = abs(d1[0] - d1[1]) / np.sqrt(2)
+        assert row["delta_top1"]["std"] == pytest.approx(sd)
+        # 95% t-interval of two seeds: mean ± 12.706 (t, 1 d.f., a statistics table) sd / √2
+        half = 12.706 * sd / np.sqrt(2)
+        assert row["delta_top1"]["ci95"] == pytest.approx([sum(d1) / 2 - half, sum(d1) / 2 + half],
+                                                          abs=2e-3 * sd)  # fmt: skip
         assert row["val_top1_error"]["mean"] == pytest.approx(
             (rs[0]["val_top1_error"] + rs[1]["val_top1_error"]) / 2
         )
     md = A.ablate_markdown(summary)
     lines = [x for x in md.splitlines() if x.startswith("| ")]
     assert len(lines) == 1 + len(ROWS)  # header + one per row
+    assert "Δ top-1 95% CI" in lines[0]
     for v, line in zip(A.VARIANTS, lines[1:], strict=True):
         assert line.startswith(f"| {v.label} |")
         if v.key in PAPER:
             assert f"| {PAPER[v.key][0]} | {PAPER[v.key][1]} |" in line
-    row = summary["rows"][1]
-    assert f"{row['delta_top1']['mean']:+.1f} ± {row['delta_top1']['std']:.1f}" in lines[2]
+    d = summary["rows"][1]["delta_top1"]
+    assert f"| {d['mean']:.1f} ({d['min']:.1f}-{d['max']:.1f}) |" in lines[2]
+    assert f"| [{d['ci95'][0]:.1f}, {d['ci95'][1]:.1f}] |" in lines[2]
     assert "Caveat" in md and "not resolvable" in md
 
 

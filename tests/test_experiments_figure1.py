@@ -45,6 +45,25 @@ def test_four_layer_net_shapes_and_parameters():
         F1.FourLayerNet(1, 10, "sigmoid")
 
 
+def test_layers_80sec_net_and_its_init():
+    """--net layers-80sec: the 2012 file's five weighted layers (fc64 before fc10) and its init
+    (std 1e-4 conv1, 0.01 conv2-3, 0.1 fc64 and fc10, biases 0); its inputs are not divided."""
+    torch.manual_seed(0)
+    net = F1.Layers80SecNet(3, 10, "tanh")
+    convs = (3 * 25 * 32 + 32) + (32 * 25 * 32 + 32) + (32 * 25 * 64 + 64)
+    assert sum(p.numel() for p in net.parameters()) == convs + (1024 * 64 + 64) + (64 * 10 + 10)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    for name, std in (("conv1", 1e-4), ("conv2", 0.01), ("conv3", 0.01), ("fc64", 0.1),
+                      ("fc", 0.1)):  # fmt: skip
+        w = getattr(net, name).weight.detach()
+        assert float(w.std()) == pytest.approx(std, rel=0.1) and abs(float(w.mean())) < std / 5
+        assert not getattr(net, name).bias.any()
+    imgs = np.arange(2 * 4, dtype=np.uint8).reshape(2, 1, 2, 2) * 10
+    raw = F1.normalise(imgs, by_std=False)  # raw pixels minus the mean image (the 2012 code)
+    assert torch.equal(raw, torch.from_numpy(imgs.astype(np.float32) - imgs.mean(0)))
+    assert float(F1.normalise(imgs).std(correction=0)) == pytest.approx(1.0, rel=1e-5)
+
+
 def test_read_idx(tmp_path):
     arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     raw = bytes([0, 0, 8, 3]) + struct.pack(">III", 2, 3, 4) + arr.tobytes()
@@ -113,7 +132,7 @@ def test_figure1_json_curves_ratio_and_resume(tmp_path):
     # error; tanh kept its fixed rate.
     runs = {
         lr: json.loads(
-            next((tmp_path / "f1" / "runs").glob(f"relu-lr{lr:g}-seed0-*.json")).read_text()
+            next((tmp_path / "f1" / "runs").glob(f"relu-lr{lr:g}-seed0-*/result.json")).read_text()
         )  # fmt: skip
         for lr in (0.01, 0.05)
     }
@@ -142,7 +161,7 @@ def test_figure1_json_curves_ratio_and_resume(tmp_path):
     assert png.size[0] > 800 and png.size[1] > 300
 
     # Resumable: a rerun reuses every cached run (none is retrained) and gives the same JSON.
-    files = sorted((tmp_path / "f1" / "runs").glob("*.json"))
+    files = sorted((tmp_path / "f1" / "runs").glob("*/result.json"))
     assert len(files) == 5  # relu: 2 rates (seed 0) + seed 1; tanh: 2 seeds
     mtimes = [f.stat().st_mtime_ns for f in files]
     r2 = F1.run_figure1(cfg)
@@ -228,6 +247,12 @@ def test_threshold_set_by_the_relu_run_and_short_lr_search(tmp_path):
     at_1 = relu["train_error"]["0"][relu["epochs"].index(1.0)]
     assert r["threshold"] == at_1 and "epoch 1" in r["threshold_rule"]
     assert r["to_threshold"]["relu"]["epochs_per_seed"][0] <= 1.0
-    names = sorted(p.name for p in (tmp_path / "f1" / "runs").glob("*.json"))
+    names = sorted(p.parent.name for p in (tmp_path / "f1" / "runs").glob("*/result.json"))
     assert sum("-1ep-" in n for n in names) == 4  # 2 rates x 2 nets, 1 epoch each
     assert sum("-2ep-" in n for n in names) == 2  # the chosen rates, seed 0, whole budget
+    # The search's epochs to threshold use the threshold the JSON records (not the paper's 25%).
+    for act in ("relu", "tanh"):
+        for t in r["lr_search"][act]:
+            run = json.loads(next((tmp_path / "f1" / "runs").glob(
+                f"{act}-lr{t['lr']:g}-seed0-1ep-*/result.json")).read_text())  # fmt: skip
+            assert t["epochs_to_threshold"] == crossing(run["epochs"], run["errors"], at_1)

@@ -20,8 +20,9 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 @pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_finetune_quick(tmp_path, capsys):
     out = tmp_path / "ft"
+    # 128 pre-training images (the quick mode: 640): the test checks the plumbing, not the gain
     argv = ["finetune", "--quick", "--out", str(out), "--budgets", "64", "--workers", "0",
-            "--no-fast"]  # fmt: skip
+            "--no-fast", "--pretrain-images", "128"]  # fmt: skip
     assert main(argv) == 0
     s = json.loads((out / "finetune.json").read_text())
     a, b = open_store(out / "store-A-1500"), open_store(out / "store-B-1500")
@@ -43,7 +44,8 @@ def test_finetune_quick(tmp_path, capsys):
     assert pre["conv1.weight"].shape == (96, 3, 11, 11)
     res = json.loads((out / "runs" / "finetuned-64-seed0" / "result.json").read_text())
     assert res["images_seen"] == 64 and res["val_images"] == 200
-    assert "| 64 |" in (out / "finetune.md").read_text()
+    md = (out / "finetune.md").read_text()
+    assert "| 64 |" in md and "95% CI" in md and s["provenance"]["torch"] == torch.__version__
     # A rerun reuses every finished run.
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")}
     assert main(argv) == 0

@@ -1,5 +1,6 @@
 """`alexnet figure1`, `ablate`, `recipes`, `finetune`, `kernels`, `neighbors`, `report`: the paper's
-experiments and figures (alexnet.experiments), one command each.
+experiments and figures (alexnet.experiments), one command each. The four studies share one
+registration (`register_study`): each is a StudyCommand, its flags and its config.
 
 Why one file of this length: one command module per family; these are the experiments'
 argument parsers and printing, nothing else.
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from alexnet.commands.outputs import check_output
 from alexnet.config import get_profile
@@ -19,39 +23,66 @@ from alexnet.errors import BadInput
 from alexnet.experiments import ablate, figure1, finetune, kernels, neighbors, recipes, report
 
 
-def _training_options(p: argparse.ArgumentParser) -> None:
-    """The options of the experiments that train networks (as `alexnet train`'s)."""
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="an override for every run (as alexnet train --set)",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, help="loader worker processes")
-    p.add_argument("--no-fast", action="store_true", help="float32, default memory format")
+@dataclass(frozen=True)
+class StudyCommand:
+    """A study's command line: its experiment module (run, markdown, docstring as the
+    description), its flags as (names, add_argument keywords), and the config they make."""
+
+    name: str
+    module: Any
+    help: str
+    flags: tuple[tuple[tuple[str, ...], dict[str, Any]], ...]
+    config: Callable[[argparse.Namespace], Any]
 
 
-def _resumable(run, cfg, markdown, name: str) -> int:
-    """Run an experiment of many trainings; Ctrl-C keeps what is done (a rerun resumes)."""
+def flag(*names: str, **kw: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    return names, kw
+
+
+def register(sub) -> None:
+    for command in STUDIES:
+        register_study(sub, command)
+    for add in (register_kernels, register_neighbors, register_report):
+        add(sub)
+
+
+def register_study(sub, c: StudyCommand) -> None:
+    """The one registration of the studies (figure1, ablate, recipes, finetune)."""
+    p = sub.add_parser(c.name, help=c.help, description=c.module.__doc__, allow_abbrev=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--out", default=f"runs/{c.name}", help=f"output folder (runs/{c.name})")
+    for names, kw in c.flags:
+        p.add_argument(*names, **kw)
+    p.set_defaults(handler=lambda args: run_study_command(c, args))
+
+
+def run_study_command(c: StudyCommand, args) -> int:
+    """Run a study of many trainings; Ctrl-C keeps what is done (a rerun resumes)."""
+    cfg = c.config(args)
     try:
-        summary = run(cfg)
+        summary = getattr(c.module, f"run_{c.name}")(cfg)
     except KeyboardInterrupt:
         print(
             "interrupted: finished runs are kept; run the same command again to resume",
             file=sys.stderr,
         )
         return 130
-    print(markdown(summary))
-    print(f"wrote {Path(cfg.out) / name}.md, {name}.json, {name}.png", file=sys.stderr)
+    print(getattr(c.module, f"{c.name}_markdown")(summary))
+    print(f"wrote {Path(cfg.out) / c.name}.md, {c.name}.json, {c.name}.png", file=sys.stderr)
     return 0
 
 
-def register(sub) -> None:
-    for add in (register_figure1, register_ablate, register_recipes, register_finetune,
-                register_kernels, register_neighbors, register_report):  # fmt: skip
-        add(sub)
+# The options of the studies that train the paper's network (as `alexnet train`'s).
+SET = flag("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+           help="an override for every run (as alexnet train --set)")  # fmt: skip
+TRAINING = (
+    SET,
+    flag("--device", default="auto", help="auto (default), cpu, cuda"),
+    flag("--workers", type=int, help="loader worker processes"),
+    flag("--no-fast", action="store_true", help="float32, default memory format"),
+)
+FASHION = flag("--fashion-mnist", default=FASHION_MNIST_DIR, metavar="DIR",
+               help=f"the Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})")  # fmt: skip
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -64,6 +95,13 @@ def _floats(text: str) -> tuple[float, ...]:
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive learning rates, got {text!r}")
     return values
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise BadInput(f"{what}: not a number: {text!r}") from None
 
 
 def figure1_config(args) -> figure1.Figure1Config:
@@ -79,174 +117,80 @@ def figure1_config(args) -> figure1.Figure1Config:
                 raise BadInput(f"--threshold {text} must be between 0 and 1")
     elif at_epoch is not None:
         threshold = None
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]  # noqa: E731
     return figure1.Figure1Config(
-        out=args.out,
-        data=args.data,
-        fashion_mnist=args.fashion_mnist,
-        seeds=args.seeds if args.seeds is not None else base["seeds"],
-        epochs=args.epochs if args.epochs is not None else base["epochs"],
-        threshold=threshold,
-        threshold_epoch=at_epoch,
-        search_epochs=args.search_epochs or base["search_epochs"],
-        fast=not args.no_fast,
-        batch_size=args.batch_size,
-        train_images=args.train_images if args.train_images is not None else base["train_images"],
-        points_per_epoch=args.points_per_epoch
-        if args.points_per_epoch is not None
-        else base["points_per_epoch"],
+        out=args.out, data=args.data, fashion_mnist=args.fashion_mnist, seeds=pick("seeds"),
+        epochs=pick("epochs"), threshold=threshold, threshold_epoch=at_epoch,
+        search_epochs=args.search_epochs or base["search_epochs"], fast=not args.no_fast,
+        batch_size=args.batch_size, train_images=pick("train_images"),
+        points_per_epoch=pick("points_per_epoch"),
         lr_grid=args.lr_grid or (figure1.QUICK_LR_GRID if args.quick else figure1.FULL_LR_GRID),
-        lr={"relu": args.lr_relu, "tanh": args.lr_tanh},
-        device=args.device,
-    )
+        lr={"relu": args.lr_relu, "tanh": args.lr_tanh}, device=str(resolve_device(args.device)),
+        net=args.net,
+    )  # fmt: skip
 
 
-def _number(text: str, what: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise BadInput(f"{what}: not a number: {text!r}") from None
-
-
-def run_figure1(args) -> int:
-    cfg = figure1_config(args)
-    cfg.device = str(resolve_device(cfg.device))
-    r = figure1.run_figure1(cfg)
-    print(figure1.figure1_markdown(r))
-    print(f"wrote {Path(cfg.out) / 'figure1.png'}, figure1.json, figure1.md", file=sys.stderr)
-    return 0
-
-
-def register_figure1(sub) -> None:
-    p = sub.add_parser(
-        "figure1",
-        help="Figure 1: ReLU vs tanh, epochs to 25%% training error (four-layer conv net)",
-        description=figure1.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--data",
-        metavar="CIFAR10_DIR",
-        help="CIFAR-10 python batches (default: Fashion-MNIST's IDX files)",
-    )
-    p.add_argument(
-        "--fashion-mnist",
-        default=FASHION_MNIST_DIR,
-        metavar="DIR",
-        help=f"the Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})",
-    )
-    p.add_argument("--out", default="runs/figure1", help="output folder (default runs/figure1)")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"a few minutes on a 2-core CPU: {figure1.QUICK}, lr grid {figure1.QUICK_LR_GRID}",
-    )
-    p.add_argument("--seeds", type=int, help="runs per activation (full 3, quick 2)")
-    p.add_argument("--epochs", type=int, help="epochs per run (full 30, quick 3)")
-    p.add_argument(
-        "--search-epochs",
-        type=int,
-        help="epochs of the lr-search runs (full 10; quick: --epochs)",
-    )
-    p.add_argument(
-        "--threshold",
-        metavar="ERROR|relu@EPOCHS",
-        help="target training error: a number (quick: 0.25, the paper's), or relu@E: the error "
-        "the chosen ReLU net (seed 0) has after E epochs (full: relu@5)",
-    )
-    p.add_argument(
-        "--no-fast",
-        action="store_true",
-        help="float32 (default: bf16 autocast and channels_last where the CPU has native bf16)",
-    )
-    p.add_argument("--batch-size", type=int, default=128, help="default 128 (Sec. 5)")
-    p.add_argument(
-        "--train-images",
-        type=int,
-        help="train on a fixed subset of N images (quick: 4000; full: all)",
-    )
-    p.add_argument(
-        "--points-per-epoch", type=int, help="training-error points per epoch (full 5, quick 8)"
-    )
-    p.add_argument(
-        "--lr-grid",
-        type=_floats,
-        metavar="LR,LR,...",
-        help=f"rates searched per activation (full {figure1.FULL_LR_GRID})",
-    )
-    p.add_argument("--lr-relu", type=float, help="fixed ReLU rate (no search)")
-    p.add_argument("--lr-tanh", type=float, help="fixed tanh rate (no search)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
-    p.set_defaults(handler=run_figure1)
+FIGURE1 = (
+    flag("--data", metavar="CIFAR10_DIR",
+         help="CIFAR-10 python batches (default: Fashion-MNIST's IDX files)"),
+    FASHION,
+    flag("--quick", action="store_true",
+         help=f"a few minutes on a 2-core CPU: {figure1.QUICK}, lr grid {figure1.QUICK_LR_GRID}"),
+    flag("--net", default="four", choices=tuple(figure1.NETS),
+         help="four (default): the 2012 file's layers-80sec net without fc64, PyTorch's init, "
+         "inputs over their std; layers-80sec: the file's five-layer net, its init, raw pixels "
+         "minus the mean"),
+    flag("--seeds", type=int, help="runs per activation (full 3, quick 2)"),
+    flag("--epochs", type=int, help="epochs per run (full 30, quick 3)"),
+    flag("--search-epochs", type=int, help="epochs of the lr-search runs (full 10; quick: "
+         "--epochs)"),
+    flag("--threshold", metavar="ERROR|relu@EPOCHS",
+         help="target training error: a number (quick: 0.25, the paper's), or relu@E: the error "
+         "the chosen ReLU net (seed 0) has after E epochs (full: relu@5)"),
+    flag("--no-fast", action="store_true",
+         help="float32 (default: bf16 autocast and channels_last where the CPU has native bf16)"),
+    flag("--batch-size", type=int, default=128, help="default 128 (Sec. 5)"),
+    flag("--train-images", type=int,
+         help="train on a fixed subset of N images (quick: 4000; full: all)"),
+    flag("--points-per-epoch", type=int, help="training-error points per epoch (full 5, quick 8)"),
+    flag("--lr-grid", type=_floats, metavar="LR,LR,...",
+         help=f"rates searched per activation (full {figure1.FULL_LR_GRID})"),
+    flag("--lr-relu", type=float, help="fixed ReLU rate (no search)"),
+    flag("--lr-tanh", type=float, help="fixed tanh rate (no search)"),
+    flag("--device", default="cpu", help="cpu (default), cuda, auto"),
+)  # fmt: skip
 
 
 def ablate_config(args) -> ablate.AblateConfig:
     base = ablate.QUICK if args.quick else ablate.FULL
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]  # noqa: E731
     return ablate.AblateConfig(
-        out=args.out,
-        data=args.data,
-        profile=args.profile,
-        seeds=pick("seeds"),
-        steps=pick("steps"),
-        batch_size=pick("batch_size"),
-        val_limit=pick("val_limit"),
-        store_limit=pick("store_limit"),
-        only=ablate.parse_only(args.only),
-        sets=tuple(args.set),
-        device=args.device,
-        workers=args.workers,
-        keep_weights=args.keep_weights,
-        quick=args.quick,
-        fast=not args.no_fast,
-    )
+        out=args.out, data=args.data, profile=args.profile, seeds=pick("seeds"),
+        steps=pick("steps"), batch_size=pick("batch_size"), val_limit=pick("val_limit"),
+        store_limit=pick("store_limit"), only=ablate.parse_only(args.only), sets=tuple(args.set),
+        device=args.device, workers=args.workers, keep_weights=args.keep_weights,
+        quick=args.quick, fast=not args.no_fast,
+    )  # fmt: skip
 
 
-def run_ablate(args) -> int:
-    return _resumable(ablate.run_ablate, ablate_config(args), ablate.ablate_markdown, "ablate")
-
-
-def register_ablate(sub) -> None:
-    p = sub.add_parser(
-        "ablate",
-        help="the paper's ablations (LRN, pooling, PCA lighting, dropout, towers, conv3-5)",
-        description=ablate.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--data", metavar="STORE", help="a prepared store (default: prepare Fashion-MNIST into OUT)"
-    )
-    p.add_argument("--out", default="runs/ablate", help="output folder (default runs/ablate)")
-    p.add_argument("--profile", default="demo", help="the base recipe (default demo)")
-    p.add_argument("--quick", action="store_true", help=f"minutes on a 2-core CPU: {ablate.QUICK}")
-    p.add_argument("--seeds", type=int, help=f"seeds per row (full {ablate.FULL['seeds']})")
-    p.add_argument(
-        "--steps", type=int, help=f"training steps per run (full {ablate.FULL['steps']})"
-    )
-    p.add_argument("--batch-size", type=int, help="batch size (default 64, quick and full)")
-    p.add_argument(
-        "--val-limit",
-        type=int,
-        help=f"validation (and training-error) images (full {ablate.FULL['val_limit']})",
-    )
-    p.add_argument(
-        "--store-limit",
-        type=int,
-        help="images per split when preparing Fashion-MNIST (quick 2000; full: all)",
-    )
-    p.add_argument(
-        "--only",
-        metavar="ROW,ROW",
-        help="rows besides the baseline: "
-        + ",".join(v.key for v in ablate.VARIANTS[1:])
-        + " (conv = conv3,conv4,conv5)",
-    )
-    p.add_argument(
-        "--keep-weights",
-        action="store_true",
-        help="keep every run's model.safetensors (240 MB each)",
-    )
-    _training_options(p)
-    p.set_defaults(handler=run_ablate)
+ABLATE = (
+    flag("--data", metavar="STORE",
+         help="a prepared store (default: prepare Fashion-MNIST into OUT)"),
+    flag("--profile", default="demo", help="the base recipe (default demo)"),
+    flag("--quick", action="store_true", help=f"minutes on a 2-core CPU: {ablate.QUICK}"),
+    flag("--seeds", type=int, help=f"seeds per row (full {ablate.FULL['seeds']})"),
+    flag("--steps", type=int, help=f"training steps per run (full {ablate.FULL['steps']})"),
+    flag("--batch-size", type=int, help="batch size (default 64, quick and full)"),
+    flag("--val-limit", type=int,
+         help=f"validation (and training-error) images (full {ablate.FULL['val_limit']})"),
+    flag("--store-limit", type=int,
+         help="images per split when preparing Fashion-MNIST (quick 2000; full: all)"),
+    flag("--only", metavar="ROW,ROW", help="rows besides the baseline: "
+         + ",".join(v.key for v in ablate.VARIANTS[1:]) + " (conv = conv3,conv4,conv5)"),
+    flag("--keep-weights", action="store_true",
+         help="keep every run's model.safetensors (240 MB each)"),
+    *TRAINING,
+)  # fmt: skip
 
 
 def recipes_config(args) -> recipes.RecipesConfig:
@@ -256,51 +200,27 @@ def recipes_config(args) -> recipes.RecipesConfig:
     if args.epochs < 0 or args.control_steps < 1 or args.seeds < 1:
         raise BadInput("--epochs must be >= 0, --control-steps and --seeds >= 1")
     return recipes.RecipesConfig(
-        out=args.out,
-        data=args.data,
-        recipes=names if args.epochs > 0 else (),
-        epochs=args.epochs,
-        controls=recipes.parse_controls(args.controls),
-        control_steps=args.control_steps,
-        seeds=args.seeds,
-        margin=args.margin,
-        log_every=args.log_every,
-        device=args.device,
-        workers=args.workers,
-        fast=not args.no_fast,
-        val_limit=args.val_limit,
-        sets=tuple(args.set),
-    )
+        out=args.out, data=args.data, recipes=names if args.epochs > 0 else (),
+        epochs=args.epochs, controls=recipes.parse_controls(args.controls),
+        control_steps=args.control_steps, seeds=args.seeds, margin=args.margin,
+        log_every=args.log_every, device=args.device, workers=args.workers,
+        fast=not args.no_fast, val_limit=args.val_limit, sets=tuple(args.set),
+    )  # fmt: skip
 
 
-def run_recipes(args) -> int:
-    cfg = recipes_config(args)
-    return _resumable(recipes.run_recipes, cfg, recipes.recipes_markdown, "recipes")
-
-
-def register_recipes(sub) -> None:
-    p = sub.add_parser(
-        "recipes",
-        help="do the paper's recipes learn? loss curves, the step leaving chance, controls",
-        description=recipes.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--data", metavar="STORE", help="a prepared store (default: Fashion-MNIST)")
-    p.add_argument("--out", default="runs/recipes", help="output folder (default runs/recipes)")
-    p.add_argument("--recipes", default=",".join(recipes.DEFAULT_RECIPES), help="profiles to train")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per recipe (0: none; default 3)")
-    p.add_argument(
-        "--controls",
-        metavar="KEY,KEY|all",
-        help="short runs from `paper`, one change each: " + ", ".join(recipes.BY_KEY),
-    )
-    p.add_argument("--control-steps", type=int, default=400, help="steps per control (400)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per control (default 2)")
-    p.add_argument("--margin", type=float, default=0.1, help="below ln(classes) by (0.1)")
-    p.add_argument("--log-every", type=int, default=10, help="steps per logged loss (10)")
-    p.add_argument("--val-limit", type=int, help="validation images per epoch (default all)")
-    _training_options(p)
-    p.set_defaults(handler=run_recipes)
+RECIPES = (
+    flag("--data", metavar="STORE", help="a prepared store (default: Fashion-MNIST)"),
+    flag("--recipes", default=",".join(recipes.DEFAULT_RECIPES), help="profiles to train"),
+    flag("--epochs", type=int, default=3, help="epochs per recipe (0: none; default 3)"),
+    flag("--controls", metavar="KEY,KEY|all",
+         help="short runs from `paper`, one change each: " + ", ".join(recipes.BY_KEY)),
+    flag("--control-steps", type=int, default=400, help="steps per control (400)"),
+    flag("--seeds", type=int, default=2, help="seeds per control (default 2)"),
+    flag("--margin", type=float, default=0.1, help="below ln(classes) by (0.1)"),
+    flag("--log-every", type=int, default=10, help="steps per logged loss (10)"),
+    flag("--val-limit", type=int, help="validation images per epoch (default all)"),
+    *TRAINING,
+)  # fmt: skip
 
 
 def finetune_config(args) -> finetune.FinetuneConfig:
@@ -313,59 +233,38 @@ def finetune_config(args) -> finetune.FinetuneConfig:
             raise BadInput(
                 f"--budgets {args.budgets!r}: comma-separated numbers of images"
             ) from None
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]  # noqa: E731
     return finetune.FinetuneConfig(
-        out=args.out,
-        source=args.fashion_mnist,
-        profile=args.profile,
-        pretrain_images=(
-            args.pretrain_images if args.pretrain_images is not None else base["pretrain_images"]
-        ),
-        budgets=budgets,
-        seeds=args.seeds if args.seeds is not None else base["seeds"],
-        store_limit=base["store_limit"],
-        val_limit=base["val_limit"],
-        init_lr_mult=args.init_lr_mult,
-        device=args.device,
-        workers=args.workers,
+        out=args.out, source=args.fashion_mnist, profile=args.profile,
+        pretrain_images=pick("pretrain_images"), budgets=budgets, seeds=pick("seeds"),
+        store_limit=base["store_limit"], val_limit=base["val_limit"],
+        init_lr_mult=args.init_lr_mult, device=args.device, workers=args.workers,
         fast=not args.no_fast,
-    )
+    )  # fmt: skip
 
 
-def run_finetune(args) -> int:
-    cfg = finetune_config(args)
-    return _resumable(finetune.run_finetune, cfg, finetune.finetune_markdown, "finetune")
+FINETUNE = (
+    flag("--quick", action="store_true", help=f"a smoke test: {finetune.QUICK}"),
+    flag("--budgets", metavar="N,N,...",
+         help=f"training images of B (full {finetune.FULL['budgets']})"),
+    flag("--seeds", type=int, help=f"seeds per budget (full {finetune.FULL['seeds']})"),
+    flag("--pretrain-images", type=int, help="images of A to pre-train on (30000)"),
+    flag("--profile", default="demo", help="the recipe of every run (default demo)"),
+    flag("--init-lr-mult", type=float, default=1.0, help="the loaded layers' lr factor (1)"),
+    FASHION,
+    *TRAINING[1:],  # no --set: the arms differ only by the pre-trained start
+)  # fmt: skip
 
-
-def register_finetune(sub) -> None:
-    p = sub.add_parser(
-        "finetune",
-        help="does pre-training help? Fashion-MNIST 5 + 5 classes, fine-tuned vs from scratch",
-        description=finetune.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
-    p.add_argument("--quick", action="store_true", help=f"a smoke test: {finetune.QUICK}")
-    p.add_argument(
-        "--budgets",
-        metavar="N,N,...",
-        help=f"training images of B (full {finetune.FULL['budgets']})",
-    )
-    p.add_argument("--seeds", type=int, help=f"seeds per budget (full {finetune.FULL['seeds']})")
-    p.add_argument("--pretrain-images", type=int, help="images of A to pre-train on (30000)")
-    p.add_argument("--profile", default="demo", help="the recipe of every run (default demo)")
-    p.add_argument(
-        "--init-lr-mult", type=float, default=1.0, help="the loaded layers' lr factor (1)"
-    )
-    p.add_argument(
-        "--fashion-mnist",
-        default=FASHION_MNIST_DIR,
-        metavar="DIR",
-        help=f"the Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, help="loader worker processes")
-    p.add_argument("--no-fast", action="store_true", help="float32, default memory format")
-    p.set_defaults(handler=run_finetune)
+STUDIES = (
+    StudyCommand("figure1", figure1, "Figure 1: ReLU vs tanh, epochs to 25%% training error "
+                 "(four-layer conv net)", FIGURE1, figure1_config),
+    StudyCommand("ablate", ablate, "the paper's ablations (LRN, pooling, PCA lighting, dropout, "
+                 "towers, conv3-5)", ABLATE, ablate_config),
+    StudyCommand("recipes", recipes, "do the paper's recipes learn? loss curves, the step "
+                 "leaving chance, controls", RECIPES, recipes_config),
+    StudyCommand("finetune", finetune, "does pre-training help? Fashion-MNIST 5 + 5 classes, "
+                 "fine-tuned vs from scratch", FINETUNE, finetune_config),
+)  # fmt: skip
 
 
 def run_kernels(args) -> int:

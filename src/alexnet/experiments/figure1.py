@@ -5,14 +5,21 @@ line) reaches a 25% training error rate on CIFAR-10 six times faster than an equ
 with tanh neurons (dashed line). The learning rates for each network were chosen independently
 to make training as fast as possible. No regularization of any kind was employed."
 
-The net (`FourLayerNet`) follows cuda-convnet's small CIFAR-10 example net (example-layers/
-layers-80sec.cfg, the 2011 code the paper's Figure 1 came from): three 5x5 convolutions with 32,
-32 and 64 kernels (padding 2), each followed by the activation and a 3x3 stride-2 pooling (max
-after conv1, average after conv2 and conv3, output sizes rounded up as cuda-convnet does), then
-one fully connected layer to the 10 classes and the softmax: four weighted layers. No
-normalisation, no dropout, no weight decay, no data augmentation ("no regularization of any kind").
-Both nets start from the same weights (PyTorch's default initialisation, same seed) and see
-the same batches in the same order; only the activation and the learning rate differ.
+The net (--net four, `FourLayerNet`) is cuda-convnet's small CIFAR-10 example net (example-
+layers/layers-80sec.cfg, the 2011 code the paper's Figure 1 came from) with two changes, said
+here because the paper does not print its net: three 5x5 convolutions with 32, 32 and 64 kernels
+(padding 2), each followed by the activation and a 3x3 stride-2 pooling (max after conv1,
+average after conv2 and conv3, output sizes rounded up as cuda-convnet does), then one fully
+connected layer to the 10 classes: four weighted layers ("a four-layer convolutional neural
+network"). (1) The 2012 file has five: a 64-unit fully connected layer (fc64) sits before fc10;
+it is removed here to match the caption's four. (2) The init is PyTorch's default (uniform,
+scaled by fan-in), not the file's (std 1e-4 in conv1, 0.01 in conv2-3, 0.1 in the fc layers,
+biases 0). And the inputs are divided by the training set's overall std; the 2012 code fed raw
+pixels (0-255) minus the mean image. --net layers-80sec runs the file's net as it is: fc64, its
+init, raw pixels minus the mean, so a reader can compare the two. No normalisation, no
+dropout, no weight decay, no data augmentation ("no regularization of any kind"). Both nets
+(ReLU and tanh) start from the same weights (same seed) and see the same batches in the same
+order; only the activation and the learning rate differ.
 
 Training: plain SGD with momentum 0.9 (Sec. 5), batch 128 (Sec. 5), cross-entropy. The training
 error plotted is the one the 2012 code printed while training: the error of the net's own
@@ -32,16 +39,19 @@ net never reach the threshold, their budget stands in for the missing value and 
 bound: "at least" if tanh fell short, "at most" if ReLU did (none if both did).
 
 Data: CIFAR-10 from its python batches (--data DIR) or, by default, Fashion-MNIST read straight
-from the IDX files (28x28 grey images zero-padded to 32x32, one input channel). Pixels are
-scaled by the training set's per-pixel mean image (Sec. 2: "subtracting the mean activity") and
-its overall standard deviation. On Fashion-MNIST both nets pass 25% training error within the
-first epoch, so the ratio is measured at sub-epoch resolution; --threshold changes the target.
+from the IDX files (28x28 grey images zero-padded to 32x32, one input channel). Pixels minus the
+training set's per-pixel mean image (Sec. 2: "subtracting the mean activity"), then (--net four
+only) divided by their overall standard deviation. On Fashion-MNIST both nets pass 25% training
+error within the first epoch, so the ratio is measured at sub-epoch resolution; --threshold
+changes the target.
 
-Every finished run is cached in OUT/runs/*.json (keyed by everything that defines it): an
-interrupted figure1 resumes where it stopped and a rerun only redraws the figure.
+Every finished run is cached in OUT/runs/<run>/result.json (keyed by everything that defines
+it): an interrupted figure1 resumes where it stopped and a rerun only redraws the figure. The
+seed runs are a study of the engine (experiments.common: rows ReLU and tanh x seeds), which
+adds the 95% interval over seeds and the provenance.
 
-Why one file of this length: the experiment carries its own small network, data reader,
-lr search, runner, table and figure; one experiment per file.
+Why one file of this length: the experiment carries its own small networks, data scaling,
+lr search, training loop, table and figure; one experiment per file.
 """
 
 from __future__ import annotations
@@ -60,8 +70,19 @@ from torch import nn
 
 from alexnet.data.sources import FASHION_MNIST_DIR, idx_file, load_cifar10, read_idx
 from alexnet.errors import BadInput, NotFound
-from alexnet.experiments.common import markdown_table, progress
-from alexnet.fileio import read_json, write_json, write_text
+from alexnet.experiments.common import (
+    Metric,
+    Row,
+    Study,
+    cached_run,
+    markdown_table,
+    progress,
+    run_study,
+    seed_stats,
+    study_table,
+    summarise_study,
+    write_study,
+)
 from alexnet.plots import plt, save_figure
 from alexnet.speed import FastMode, autocast, default_fast_mode, prepare_input, prepare_model
 
@@ -100,12 +121,14 @@ def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> tuple[np.ndarray
     return images, labels
 
 
-def normalise(images: np.ndarray) -> torch.Tensor:
-    """float32 (N, C, 32, 32): minus the per-pixel mean image (Sec. 2), over the overall std."""
+def normalise(images: np.ndarray, by_std: bool = True) -> torch.Tensor:
+    """float32 (N, C, 32, 32): minus the per-pixel mean image (Sec. 2), over the overall std
+    (by_std; the 2012 code did not divide: raw 0-255 pixels minus the mean)."""
     x = images.astype(np.float32)
     mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
     x -= mean
-    x /= max(float(x.std(dtype=np.float64)), 1e-6)
+    if by_std:
+        x /= max(float(x.std(dtype=np.float64)), 1e-6)
     return torch.from_numpy(x)
 
 
@@ -137,6 +160,42 @@ class FourLayerNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class Layers80SecNet(FourLayerNet):
+    """The 2012 file's net as it is (example-layers/layers-80sec.cfg): FourLayerNet's layers with
+    the 64-unit fully connected layer fc64 (and its activation) before fc10, and the file's
+    init: N(0, std) weights with std 1e-4 in conv1, 0.01 in conv2 and conv3, 0.1 in fc64 and
+    fc10 (its initW), biases 0."""
+
+    INIT_STD = {"conv1": 1e-4, "conv2": 0.01, "conv3": 0.01, "fc64": 0.1, "fc": 0.1}
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, activation: str = "relu"):
+        super().__init__(in_channels, num_classes, activation)
+        self.fc64 = nn.Linear(64 * 4 * 4, 64)
+        self.fc = nn.Linear(64, num_classes)
+        for name, std in self.INIT_STD.items():
+            layer = getattr(self, name)
+            nn.init.normal_(layer.weight, 0.0, std)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = torch.relu if self.activation == "relu" else torch.tanh  # Sec. 3.1
+        x = self.pool1(act(self.conv1(x)))
+        x = self.pool2(act(self.conv2(x)))
+        x = self.pool3(act(self.conv3(x)))
+        return self.fc(act(self.fc64(x.flatten(1))))
+
+
+# The nets of --net: the net, whether its inputs are divided by their std, and its description.
+NETS = {
+    "four": (FourLayerNet, True, "cuda-convnet layers-80sec without fc64 (four weighted layers: "
+             "conv5x5x32-maxpool3/2-conv5x5x32-avgpool3/2-conv5x5x64-avgpool3/2-fc10), PyTorch's "
+             "default init, inputs minus the mean image over their std"),
+    "layers-80sec": (Layers80SecNet, False, "cuda-convnet layers-80sec as the 2012 file has it "
+                     "(five weighted layers: ...-avgpool3/2-fc64-fc10), the file's init (std 1e-4 "
+                     "conv1, 0.01 conv2-3, 0.1 fc, biases 0), raw pixels minus the mean image"),
+}  # fmt: skip
+
+
 # --- one training run ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunSpec:
@@ -152,9 +211,11 @@ class RunSpec:
     points_per_epoch: int
     momentum: float = 0.9  # Sec. 5
     mode: str = "fp32"  # speed.FastMode label: fp32, or bf16+cl where the CPU has native bf16
+    net: str = "four"  # a key of NETS
 
     def name(self) -> str:
-        return f"{self.activation}-lr{self.lr:g}-seed{self.seed}-{self.epochs}ep-{self.mode}"
+        net = "" if self.net == "four" else f"-{self.net}"
+        return f"{self.activation}-lr{self.lr:g}-seed{self.seed}-{self.epochs}ep-{self.mode}{net}"
 
 
 def train_run(
@@ -185,7 +246,7 @@ def train_run(
     torch.manual_seed(spec.seed)  # the same initial weights for ReLU and tanh
     in_channels = x.shape[1]
     mode = FastMode.from_label(spec.mode)
-    model = FourLayerNet(in_channels, int(y.max()) + 1, spec.activation).to(device)
+    model = NETS[spec.net][0](in_channels, int(y.max()) + 1, spec.activation).to(device)
     model = prepare_model(model, mode)  # channels_last if the mode says; CPU allocator tuned
     # Sec. 5: momentum 0.9; no weight decay here (Figure 1: "no regularization of any kind").
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
@@ -281,6 +342,7 @@ class Figure1Config:
     lr: dict[str, float | None] = field(default_factory=lambda: {"relu": None, "tanh": None})
     device: str = "cpu"
     quiet: bool = False
+    net: str = "four"  # a key of NETS: four (default), layers-80sec (the 2012 file's net)
 
 
 def load_dataset(cfg: Figure1Config) -> tuple[str, str, np.ndarray, np.ndarray]:
@@ -295,6 +357,8 @@ def run_figure1(cfg: Figure1Config) -> dict[str, Any]:
     """Runs (or resumes) the experiment, writes OUT/figure1.{png,json,md}; returns the JSON."""
     out = Path(cfg.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    if cfg.net not in NETS:
+        raise BadInput(f"--net {cfg.net!r}: one of {', '.join(NETS)}")
     dataset, title, images, labels = load_dataset(cfg)
     if cfg.train_images is not None:
         if cfg.train_images < cfg.batch_size:
@@ -302,11 +366,9 @@ def run_figure1(cfg: Figure1Config) -> dict[str, Any]:
         # A fixed class-balanced-in-expectation subset: the first N of one seeded permutation.
         pick = np.random.default_rng(0).permutation(len(labels))[: cfg.train_images]
         images, labels = images[np.sort(pick)], labels[np.sort(pick)]
-    x, y = normalise(images), torch.from_numpy(labels)
-    seeds = list(range(cfg.seeds))
-    if not seeds:
+    x, y = normalise(images, by_std=NETS[cfg.net][1]), torch.from_numpy(labels)
+    if cfg.seeds < 1:
         raise BadInput("--seeds must be at least 1")
-
     mode = (default_fast_mode(cfg.device) if cfg.fast else FastMode()).label
     search_epochs = cfg.search_epochs or cfg.epochs
     if search_epochs > cfg.epochs:
@@ -315,72 +377,34 @@ def run_figure1(cfg: Figure1Config) -> dict[str, Any]:
         raise BadInput("give a threshold, or the epoch at which the ReLU net sets it, not both")
 
     def spec(act: str, lr: float, seed: int, epochs: int | None = None) -> RunSpec:
-        return RunSpec(
-            dataset, len(y), act, float(lr), seed, epochs or cfg.epochs, cfg.batch_size,
-            cfg.points_per_epoch, mode=mode,
-        )  # fmt: skip
+        return RunSpec(dataset, len(y), act, float(lr), seed, epochs or cfg.epochs,
+                       cfg.batch_size, cfg.points_per_epoch, mode=mode, net=cfg.net)  # fmt: skip
 
-    # Every run this invocation needs, in order: the lr search with seed 0, then the seeds.
-    plan = {
-        act: [
-            spec(act, lr, 0, search_epochs) for lr in (cfg.lr_grid if cfg.lr[act] is None else [])
-        ]
-        for act in ACTIVATIONS
-    }
-    runs: dict[str, dict[str, Any]] = {}
+    def get(s: RunSpec) -> dict[str, Any]:  # as the engine runs it: the same cache key
+        key = {"row": s.activation, "seed": s.seed, **asdict(s)}
+        return cached_run(out / "runs" / s.name(), key, lambda _: train_run(s, x, y, cfg.device))
 
-    def cached(s: RunSpec) -> dict[str, Any] | None:
-        r = read_json(out / "runs" / f"{s.name()}.json")
-        return r if r is not None and r.get("spec") == asdict(s) else None
-
-    # The bar counts the runs still to do (the seeds of a searched rate: assumed not cached).
-    known = [s for act in ACTIVATIONS for s in plan[act]]
-    known += [spec(a, cfg.lr[a], s) for a in ACTIVATIONS if cfg.lr[a] is not None for s in seeds]
-    todo = sum(cached(s) is None for s in known)
-    todo += sum(cfg.lr[a] is None for a in ACTIVATIONS) * (
-        len(seeds) - (1 if search_epochs == cfg.epochs else 0)
-    )
-    steps_per_run = (len(y) // cfg.batch_size) * cfg.epochs
-    bar = progress(
-        steps_per_run * todo, f"figure1 ({dataset})", disable=True if cfg.quiet else None
-    )
-
-    def get(s: RunSpec) -> dict[str, Any]:
-        r = cached(s)
-        if r is None:
-            bar.set_postfix_str(s.name())
-            r = train_run(s, x, y, cfg.device, bar)
-            write_json(out / "runs" / f"{s.name()}.json", r)
-        runs[s.name()] = r
-        return r
-
-    chosen, tuning = {}, {}
-    for act in ACTIVATIONS:
-        if cfg.lr[act] is not None:
-            chosen[act], tuning[act] = float(cfg.lr[act]), "fixed (--lr-" + act + ")"
-            continue
-        results = []
-        for s in plan[act]:
-            r = get(s)
-            mean_err, reach = _score(r, cfg.threshold or PAPER_THRESHOLD)
-            results.append(
-                {
-                    "lr": s.lr,
-                    "epochs_to_threshold": None if math.isinf(reach) else reach,
-                    "mean_train_error": None if math.isinf(mean_err) else mean_err,
-                    "diverged": r["diverged"],
-                }
-            )
-        score = lambda s: _score(runs[s.name()], cfg.threshold or PAPER_THRESHOLD)  # noqa: E731
-        best = min(plan[act], key=score)
-        chosen[act], tuning[act] = best.lr, results
-    per_act = {act: [get(spec(act, chosen[act], seed)) for seed in seeds] for act in ACTIVATIONS}
-    bar.close()
+    # Each activation's rate: the grid's seed-0 run with the lowest mean training error.
+    chosen = {a: cfg.lr[a] for a in ACTIVATIONS if cfg.lr[a] is not None}
+    todo = [(a, lr) for a in ACTIVATIONS if a not in chosen for lr in cfg.lr_grid]
+    search: dict[str, list] = {a: [] for a, _ in todo}
+    for a, lr in progress(todo, desc="figure1 lr search", unit="run", disable=cfg.quiet or None):
+        search[a].append((lr, get(spec(a, lr, 0, search_epochs))))
+    for act, runs in search.items():
+        chosen[act] = min(runs, key=lambda lr_run: _score(lr_run[1], PAPER_THRESHOLD))[0]
+    rows = [Row(a, "ReLU" if a == "relu" else "tanh", note={"lr": chosen[a]}) for a in ACTIVATIONS]
+    study = Study("figure1", out, rows, range(cfg.seeds), {"epochs": cfg.epochs},
+                  lambda row, seed: asdict(spec(row.key, chosen[row.key], seed)),
+                  lambda row, seed, _, key: train_run(spec(row.key, chosen[row.key], seed), x, y,
+                                                      cfg.device),
+                  METRICS, folder=lambda row, seed: spec(row.key, chosen[row.key], seed).name(),
+                  device=cfg.device)  # fmt: skip
+    results = run_study(study)
     threshold, rule = cfg.threshold, "given"
     if threshold is None:
         # The chosen ReLU net's own training error after threshold_epoch epochs (seed 0): the
         # target it needs that many epochs to reach.
-        relu0 = per_act["relu"][0]
+        relu0 = results["relu"][0]
         at = [e for x, e in zip(relu0["epochs"], relu0["errors"], strict=True)
               if abs(x - cfg.threshold_epoch) < 1e-9]  # fmt: skip
         if not at or at[0] is None:
@@ -391,26 +415,35 @@ def run_figure1(cfg: Figure1Config) -> dict[str, Any]:
             f"{cfg.threshold_epoch:g}"
         )
     cfg = dataclasses.replace(cfg, threshold=threshold)
-    result = summarise(cfg, dataset, title, len(y), chosen, tuning, per_act)
-    result["threshold_rule"] = rule
-    result["search_epochs"] = search_epochs
-    result["mode"] = mode
-    write_json(out / "figure1.json", result)
-    plot_figure1(result, out / "figure1.png")
-    write_text(out / "figure1.md", figure1_markdown(result))
+    study.derive = lambda res: {a: to_threshold(rs, threshold) for a, rs in res.items()}
+    tuning: dict[str, Any] = {a: f"fixed (--lr-{a})" for a in ACTIVATIONS if a not in search}
+    for act, runs in search.items():  # with the threshold the JSON records (the final one)
+        tuning[act] = [{"lr": lr, "epochs_to_threshold": to_threshold([r], threshold)["epochs"][0],
+                        "mean_train_error": None if r["diverged"] or not r["errors"]
+                        else float(np.mean(r["errors"])), "diverged": r["diverged"]}
+                       for lr, r in runs]  # fmt: skip
+    result = summarise_study(study, results) | summarise(
+        cfg, dataset, title, len(y), chosen, tuning, results
+    )
+    result |= {"threshold_rule": rule, "search_epochs": search_epochs, "mode": mode}
+    write_study(out, "figure1", result, figure1_markdown(result),
+                lambda path: plot_figure1(result, path))  # fmt: skip
     return result
 
 
-def _stats(values: list[float | None]) -> dict[str, float | None]:
-    v = [x for x in values if x is not None]
-    if len(v) < len(values) or not v:
-        return {"mean": None, "min": min(v) if v else None, "max": None, "reached": len(v)}
+METRICS = (
+    Metric("epochs", "epochs to threshold", digits=3),
+    Metric("seconds", "seconds to threshold", digits=1),
+    Metric("final_error", "final training error %", 100),
+)  # fmt: skip
+
+
+def to_threshold(runs: list[dict[str, Any]], threshold: float) -> dict[str, list]:
+    """Per run: epochs and seconds to the threshold (None: never), the last training error."""
     return {
-        "mean": float(np.mean(v)),
-        "min": float(min(v)),
-        "max": float(max(v)),
-        "std": float(np.std(v)),
-        "reached": len(v),
+        "epochs": [first_crossing(r["epochs"], r["errors"], threshold) for r in runs],
+        "seconds": [first_crossing(r["seconds"], r["errors"], threshold) for r in runs],
+        "final_error": [r["errors"][-1] if r["errors"] else None for r in runs],
     }
 
 
@@ -430,8 +463,8 @@ def summarise(cfg, dataset, title, n_train, chosen, tuning, per_act) -> dict[str
         reach[act] = {
             "epochs_per_seed": ep,
             "seconds_per_seed": sec,
-            "epochs": _stats(ep),
-            "seconds": _stats(sec),
+            "epochs": seed_stats(ep),
+            "seconds": seed_stats(sec),
         }
     ratio = {"paper": PAPER_RATIO}
     for unit in ("epochs", "seconds"):
@@ -456,8 +489,8 @@ def summarise(cfg, dataset, title, n_train, chosen, tuning, per_act) -> dict[str
         f"{cfg.threshold:.1%} training error",
         "dataset": dataset,
         "dataset_title": title,
-        "net": "cuda-convnet layers-80sec: conv5x5x32-maxpool3/2-conv5x5x32-avgpool3/2-"
-        "conv5x5x64-avgpool3/2-fc10 (four weighted layers), no regularisation",
+        "net": cfg.net,
+        "net_description": NETS[cfg.net][2] + "; no regularisation",
         "train_images": n_train,
         "batch_size": cfg.batch_size,
         "epochs": cfg.epochs,
@@ -530,9 +563,14 @@ def plot_figure1(result: dict[str, Any], path: str | Path) -> Path:
         f"tanh / ReLU = {ratio_text(r, 'epochs')} in epochs, {ratio_text(r, 'seconds')} in seconds"
     )
     fig.suptitle(
-        f"Figure 1 on {result['dataset_title']}: ReLU vs tanh to {th:.1%} training error: "
+        f"Figure 1 on {result['dataset_title']}: ReLU vs tanh to {th:.1%} training error:\n"
         f"{ratio} (paper, CIFAR-10: {PAPER_RATIO:g}x)\n"
-        f"four-layer conv net, {len(result['seeds'])} seeds (line: mean, band and bars: "
+        + (
+            "the 2012 file's five-layer net (layers-80sec), its init"
+            if result.get("net") == "layers-80sec"
+            else "four-layer conv net"
+        )
+        + f", {len(result['seeds'])} seeds (line: mean, band and bars: "
         f"min-max), {result['train_images']} training images, batch {result['batch_size']}",
         fontsize=9.5,
     )
@@ -577,16 +615,18 @@ def figure1_markdown(result: dict[str, Any]) -> str:
         return ratio_text(r, unit)
 
     rule = result.get("threshold_rule", "given")
+    searched = next((v for v in result["lr_search"].values() if isinstance(v, list)), [])
     search = result.get("search_epochs", result["epochs"])
     text = (
         f"Figure 1 on {result['dataset_title']}, {len(result['seeds'])} seeds, "
         f"{result['train_images']} training images, {result['epochs']} epochs, threshold "
         f"{th:.1%} training error (paper: {PAPER_THRESHOLD:.0%})"
         + ("" if rule == "given" else f": {rule}")
-        + f". Learning rates: the best of {len(result['lr_search'].get('relu', []) or [])} "
-        f"rates per net over {search}-epoch runs (lowest mean training error); "
-        f"{result.get('mode', 'fp32')} on {result['device']}.\n\n"
-    )
+        + f". Net: {result.get('net_description', result.get('net'))}. Learning rates: "
+        + (f"the best of {len(searched)} rates per net over {search}-epoch runs (lowest mean "
+           "training error)" if searched else "fixed")
+        + f"; {result.get('mode', 'fp32')} on {result['device']}.\n\n"
+    )  # fmt: skip
     text += markdown_table(
         [
             "activation",
@@ -607,4 +647,7 @@ def figure1_markdown(result: dict[str, Any]) -> str:
         )
         + ".\n"
     )
+    if "rows" in result:  # the engine's summary: the 95% interval over seeds
+        text += "\n**Over seeds** (mean (min-max), 95% t-interval)\n\n"
+        text += study_table(result, METRICS, (("lr", lambda r: f"{r['lr']:g}"),))
     return text

@@ -14,14 +14,13 @@ README), for both arms and for the pre-training; each run is one epoch of its bu
 warm-up and linear decay played within it. The pre-training sees --pretrain-images images of A.
 
 Resumable: every finished run leaves OUT/runs/<name>/result.json and is skipped by a rerun.
-Writes OUT/finetune.json, finetune.md and finetune.png.
+Writes OUT/finetune.json, finetune.md and finetune.png. A declaration for the study engine
+(experiments.common): the rows are the two arms at each budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,19 @@ from alexnet.config import apply_overrides, check_profile, get_profile
 from alexnet.data import open_store, prepare_store
 from alexnet.data.sources import FASHION_MNIST_DIR
 from alexnet.errors import BadInput
-from alexnet.experiments.common import markdown_table, progress, train_or_resume
-from alexnet.fileio import read_json, write_json, write_text
+from alexnet.experiments.common import (
+    Metric,
+    Row,
+    Study,
+    cached_run,
+    markdown_table,
+    run_study,
+    study_table,
+    summarise_study,
+    train_run,
+    write_study,
+)
 from alexnet.plots import plt, save_figure
-from alexnet.train import RunConfig
 
 HALF_A = ("0", "1", "2", "3", "4")  # Fashion-MNIST label indices (the pre-training classes)
 HALF_B = ("5", "6", "7", "8", "9")  # the fine-tuning classes
@@ -82,45 +90,37 @@ def _profile(cfg: FinetuneConfig, images: int, sets: tuple[str, ...] = (), what:
     return dataclasses.replace(p, train=train)
 
 
-def _run(cfg, name: str, store: Path, profile, seed: int, init: str = "") -> dict[str, Any]:
-    folder = Path(cfg.out) / "runs" / name
-    spec = {
-        "name": name,
-        "store": str(store.resolve()),
-        "seed": seed,
-        "init": init,
-        "fast": cfg.fast,
-        "val_limit": cfg.val_limit,
-        "profile": profile.to_dict(),
-    }
-    spec = read_json_roundtrip(spec)
-    done = read_json(folder / "result.json")
-    if done is not None and done.get("spec") == spec:
-        return done
-    run = RunConfig(data=str(store), out=str(folder), seed=seed, device=cfg.device,
-                    workers=cfg.workers, fast=cfg.fast, val_limit=cfg.val_limit,
-                    log_every=10, init=init)  # fmt: skip
-    t0 = time.perf_counter()
-    trainer = train_or_resume(folder, spec, profile, run)
-    last = trainer.history[-1]
-    result = {
-        "spec": spec,
-        "seconds": time.perf_counter() - t0,
-        "images_seen": trainer.pos.step * profile.train.batch_size,
-        "val_top1_error": last["val_top1_error"],
-        "val_top5_error": last["val_top5_error"],
-        "val_loss": last["val_loss"],
-        "val_images": last["val_images"],
-        "loaded": len(trainer.init_report["loaded"]) if trainer.init_report else 0,
-    }
-    write_json(folder / "result.json", result)
+def _run(cfg, store: Path, profile, seed: int, folder: Path, spec, init: str = "") -> dict:
+    """Train one run (one epoch of its budget); its test error on all of B (or val_limit)."""
+    t = train_run(folder, spec, profile, data=str(store), seed=seed, device=cfg.device,
+                  workers=cfg.workers, fast=cfg.fast, val_limit=cfg.val_limit, log_every=10,
+                  init=init)  # fmt: skip
     (folder / "state.pt").unlink(missing_ok=True)  # disk: only the weights are kept
-    return result
+    last = t["history"][-1]
+    return {"seconds": t["seconds"], "images_seen": t["steps"] * profile.train.batch_size,
+            "loaded": t["loaded"]} | {k: last[k] for k in ("val_top1_error", "val_top5_error",
+                                                          "val_loss", "val_images")}  # fmt: skip
 
 
-def read_json_roundtrip(obj: Any) -> Any:
-    """`obj` as it reads back from JSON (tuples become lists), to compare with a saved spec."""
-    return json.loads(json.dumps(obj))
+def _spec(cfg, store: Path, profile, seed: int, init: str) -> dict[str, Any]:
+    return {"store": str(store.resolve()), "seed": seed, "init": init, "fast": cfg.fast,
+            "val_limit": cfg.val_limit, "profile": profile.to_dict()}  # fmt: skip
+
+
+METRICS = (
+    Metric("val_top1_error", "test top-1 err %", 100, 2),
+    Metric("delta", "fine-tuned minus scratch (points)", 1, 2),
+)
+
+
+def paired_deltas(results: dict[str, list[dict]], budgets) -> dict[str, dict[str, list]]:
+    """Fine-tuned minus scratch per seed, in points: the same seed, batches and views."""
+    return {
+        f"finetuned-{n}": {"delta": [100 * (f["val_top1_error"] - c["val_top1_error"])
+                                     for c, f in zip(results[f"scratch-{n}"],
+                                                     results[f"finetuned-{n}"], strict=True)]}
+        for n in budgets
+    }  # fmt: skip
 
 
 def check_finetune_config(cfg: FinetuneConfig) -> tuple[str, ...]:
@@ -148,33 +148,40 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     for n in cfg.budgets:
         if n > n_b:
             raise BadInput(f"a budget of {n} images is more than B's {n_b} training images")
-    bar = progress(1 + 2 * len(cfg.budgets) * cfg.seeds, "finetune", unit="run")
-    pre = _run(cfg, "pretrain-A", store_a, _profile(cfg, cfg.pretrain_images), seed=0)
-    bar.update(1)
+    pre_profile = _profile(cfg, cfg.pretrain_images)
+    pre_spec = {"name": "pretrain-A", **_spec(cfg, store_a, pre_profile, 0, "")}
+    pre = cached_run(out / "runs" / "pretrain-A", pre_spec,
+                     lambda f: _run(cfg, store_a, pre_profile, 0, f, pre_spec))  # fmt: skip
     weights = str(out / "runs" / "pretrain-A" / "model.safetensors")
-    rows = []
-    for n in cfg.budgets:
-        for seed in range(cfg.seeds):
-            scratch = _run(cfg, f"scratch-{n}-seed{seed}", store_b, _profile(cfg, n), seed)
-            bar.update(1)
-            tuned = _run(cfg, f"finetuned-{n}-seed{seed}", store_b, _profile(cfg, n, sets),
-                         seed, init=weights)  # fmt: skip
-            bar.update(1)
-            rows.append({"budget": n, "seed": seed, "scratch": scratch, "finetuned": tuned})
-    bar.close()
-    summary = summarise(cfg, pre, rows, open_store(store_a), open_store(store_b))
-    write_json(out / "finetune.json", summary)
-    write_text(out / "finetune.md", finetune_markdown(summary))
-    plot_finetune(summary, out / "finetune.png")
+    rows = [Row(f"{arm}-{n}", f"{arm}, {n:,} images", sets if arm == "finetuned" else (),
+                {"budget": n, "arm": arm}) for n in cfg.budgets
+            for arm in ("scratch", "finetuned")]  # fmt: skip
+
+    def profile(row: Row):
+        return _profile(cfg, row.note["budget"], row.sets)
+
+    def spec(row: Row, seed: int) -> dict[str, Any]:
+        init = weights if row.note["arm"] == "finetuned" else ""
+        return {"name": f"{row.key}-seed{seed}", **_spec(cfg, store_b, profile(row), seed, init)}
+
+    study = Study("finetune", out, rows, range(cfg.seeds), {"budgets": list(cfg.budgets)}, spec,
+                  lambda row, seed, folder, s: _run(cfg, store_b, profile(row), seed, folder, s,
+                                                    s["init"]),
+                  METRICS, lambda res: paired_deltas(res, cfg.budgets),
+                  device=cfg.device)  # fmt: skip
+    results = run_study(study)
+    summary = summarise(cfg, pre, results, open_store(store_a), open_store(store_b))
+    summary = summarise_study(study, results) | summary
+    write_study(out, "finetune", summary, finetune_markdown(summary),
+                lambda path: plot_finetune(summary, path))  # fmt: skip
     return summary
 
 
-def summarise(cfg: FinetuneConfig, pre, rows, store_a, store_b) -> dict[str, Any]:
+def summarise(cfg: FinetuneConfig, pre, results, store_a, store_b) -> dict[str, Any]:
     per_budget = []
     for n in cfg.budgets:
-        rs = [r for r in rows if r["budget"] == n]
-        s = [100 * r["scratch"]["val_top1_error"] for r in rs]
-        f = [100 * r["finetuned"]["val_top1_error"] for r in rs]
+        s = [100 * r["val_top1_error"] for r in results[f"scratch-{n}"]]
+        f = [100 * r["val_top1_error"] for r in results[f"finetuned-{n}"]]
         per_budget.append({
             "budget": n,
             "scratch_top1": s,
@@ -190,10 +197,10 @@ def summarise(cfg: FinetuneConfig, pre, rows, store_a, store_b) -> dict[str, Any
         "target_classes": list(store_b.classes),
         "pretrain_images": pre["images_seen"],
         "pretrain_val_top1_error": pre["val_top1_error"],
-        "layers_loaded": rows[0]["finetuned"]["loaded"] if rows else 0,
+        "layers_loaded": results[f"finetuned-{cfg.budgets[0]}"][0]["loaded"],
         "init_lr_mult": cfg.init_lr_mult,
         "seeds": cfg.seeds,
-        "test_images": rows[0]["scratch"]["val_images"] if rows else 0,
+        "test_images": results[f"scratch-{cfg.budgets[0]}"][0]["val_images"],
         "budgets": per_budget,
     }
 
@@ -220,7 +227,8 @@ def finetune_markdown(s: dict[str, Any]) -> str:
         ["images (N)", "scratch, per seed (%)", "fine-tuned, per seed (%)", "scratch mean",
          "fine-tuned mean", "fine-tuned minus scratch (points)"], rows,
     )  # fmt: skip
-    return text
+    text += "\n**Over seeds** (mean (min-max), 95% t-interval)\n\n"
+    return text + study_table(s, METRICS)
 
 
 def plot_finetune(s: dict[str, Any], path: str | Path) -> Path:

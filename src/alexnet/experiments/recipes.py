@@ -19,14 +19,15 @@ a uniform prediction), the loss at fixed steps, and for the recipes the validati
 Writes OUT/recipes.json, recipes.md (the tables), recipes.png (loss against steps and
 validation error against epochs for the recipes) and controls.png (each control's loss curve,
 mean over seeds).
+
+A declaration for the study engine (experiments.common): the recipes are rows with seed 0, the
+controls rows with --seeds seeds; the engine runs, caches and summarises them over seeds.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,21 +37,28 @@ import numpy as np
 from alexnet.config import LAYERS, apply_overrides, get_profile
 from alexnet.data import open_store
 from alexnet.errors import BadInput
-from alexnet.experiments.ablate import default_store
-from alexnet.experiments.common import markdown_table, progress, read_step_losses, train_or_resume
-from alexnet.fileio import read_json, write_json, write_text
+from alexnet.experiments.common import (
+    Metric,
+    Row,
+    Study,
+    default_store,
+    markdown_table,
+    read_step_losses,
+    run_study,
+    study_table,
+    summarise_study,
+    train_run,
+    write_study,
+)
 from alexnet.plots import plt, save_figure
-from alexnet.train import RunConfig
 
 DEFAULT_RECIPES = ("paper", "cuda-convnet")
 LOSS_AT = (50, 100, 200, 300, 400)  # the table's fixed steps (those within the budget)
-
-
-@dataclass(frozen=True)
-class Control:
-    key: str
-    label: str
-    sets: tuple[str, ...]
+METRICS = (
+    Metric("leave_chance_step", "leaves chance at step", digits=0),
+    Metric("first_steps_mean_loss", "mean loss, first 2 points", digits=3),
+    Metric("last_loss", "last logged loss", digits=3),
+)
 
 
 def _per_layer_json(default: float, **values: float) -> str:
@@ -60,28 +68,26 @@ def _per_layer_json(default: float, **values: float) -> str:
 
 # One change each from the `paper` profile (facts: the 2012 code's layers-145 and Caffe).
 CONTROLS = (
-    Control("baseline", "paper, as printed", ()),
-    Control(
-        "inverted", "inverted dropout (x2 in training; Caffe)", ("model.dropout_style=inverted",)
-    ),
-    Control(
+    Row("baseline", "paper, as printed", ()),
+    Row("inverted", "inverted dropout (x2 in training; Caffe)", ("model.dropout_style=inverted",)),
+    Row(
         "init03",
         "conv3-5 init std 0.03 (2012 code)",
         ("model.init_std=" + _per_layer_json(0.01, conv3=0.03, conv4=0.03, conv5=0.03),),
     ),
-    Control("alpha5", "LRN alpha / 5 (2012 code)", ("model.lrn_alpha=2e-05",)),
-    Control(
+    Row("alpha5", "LRN alpha / 5 (2012 code)", ("model.lrn_alpha=2e-05",)),
+    Row(
         "order",
         "2012 layer order (conv1 LRN before ReLU; conv5 pool then ReLU)",
         ("model.order=cuda-convnet",),
     ),
-    Control("snorm", "spatial norm after conv2 (2012 code)", ("model.spatial_norm=true",)),
-    Control(
+    Row("snorm", "spatial norm after conv2 (2012 code)", ("model.spatial_norm=true",)),
+    Row(
         "biaslr",
         "bias lr x2, no bias decay (2012 code)",
         ("train.bias_lr_mult=2", "train.bias_decay=false"),
     ),
-    Control(
+    Row(
         "bias01",
         "biases 0.1 instead of 1 (Caffe)",
         (
@@ -89,9 +95,9 @@ CONTROLS = (
             + _per_layer_json(0.0, conv2=0.1, conv4=0.1, conv5=0.1, fc6=0.1, fc7=0.1),
         ),  # fmt: skip
     ),
-    Control("bias0", "all biases 0", ("model.init_bias=" + _per_layer_json(0.0),)),
-    Control("scale01", "inputs on the [0, 1] scale (x 1/255)", ("data.input_scale=0.00392156863",)),
-    Control(
+    Row("bias0", "all biases 0", ("model.init_bias=" + _per_layer_json(0.0),)),
+    Row("scale01", "inputs on the [0, 1] scale (x 1/255)", ("data.input_scale=0.00392156863",)),
+    Row(
         "lighting",
         "2012 colour noise (sqrt eigenvalues, image / 1.1)",
         ("data.lighting=cuda-convnet",),
@@ -152,179 +158,112 @@ def loss_at(steps: list[int], losses: list[float], step: int) -> float | None:
     return None
 
 
-def _run_config(cfg: RecipesConfig, store: Path, folder: Path, seed: int, max_steps: int):
-    return RunConfig(
-        data=str(store),
-        out=str(folder),
-        seed=seed,
-        device=cfg.device,
-        workers=cfg.workers,
-        fast=cfg.fast,
-        checkpoint_every=cfg.checkpoint_every,
-        log_every=cfg.log_every,
-        max_steps=max_steps,
-        val_limit=cfg.val_limit,
-    )
-
-
-def _one(cfg, store, name, profile, seed, max_steps, kind) -> dict[str, Any]:
-    """Train (or resume, or reuse) one run; its result."""
-    folder = Path(cfg.out) / "runs" / f"{name}-seed{seed}"
-    spec = json.loads(
-        json.dumps(
-            {
-                "kind": kind,
-                "name": name,
-                "seed": seed,
-                "max_steps": max_steps,
-                "store": str(Path(store).resolve()),
-                "fast": cfg.fast,
-                "log_every": cfg.log_every,
-                "val_limit": cfg.val_limit,
-                "profile": profile.to_dict(),
-            }
-        )
-    )
-    done = read_json(folder / "result.json")
-    if done is not None and done.get("spec") == spec:
-        return done
-    t0 = time.perf_counter()
-    trainer = train_or_resume(
-        folder, spec, profile, _run_config(cfg, store, folder, seed, max_steps)
-    )
+def _one(cfg: RecipesConfig, store: Path, row: Row, seed: int, folder: Path, spec) -> dict:
+    """Train one recipe or control run; its loss curve, leave-chance step and epochs."""
+    t = train_run(folder, spec, _profile(cfg, row), data=str(store), seed=seed,
+                  device=cfg.device, workers=cfg.workers, fast=cfg.fast,
+                  checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+                  max_steps=spec["max_steps"], val_limit=cfg.val_limit)  # fmt: skip
     steps, losses = read_step_losses(folder / "metrics.jsonl")
-    chance = math.log(trainer.num_classes)
-    epochs = [r for r in trainer.history if r.get("kind") == "epoch"]
-    result = {
-        "spec": spec,
-        "seconds": time.perf_counter() - t0,
-        "device": str(trainer.device),
-        "fast_mode": dataclasses.asdict(trainer.mode),
-        "batch_size": profile.train.batch_size,
-        "steps_per_epoch": trainer.steps_per_epoch,
-        "chance_loss": chance,
-        "steps": steps,
-        "losses": losses,
-        "leave_chance_step": leave_chance_step(steps, losses, chance, cfg.margin),
-        "first_steps_mean_loss": float(np.mean(losses[:2])) if losses else None,
-        "epochs": [
-            {
-                k: r.get(k)
-                for k in (
-                    "epoch",
-                    "step",
-                    "val_top1_error",
-                    "val_top5_error",
-                    "val_loss",
-                    "train_loss",
-                    "lr",
-                    "warning",
-                )
-            }
-            for r in epochs
-        ],  # fmt: skip
-    }
-    write_json(folder / "result.json", result)
-    if kind == "control":  # disk: a control's weights and state are not needed afterwards
+    chance = math.log(t["num_classes"])
+    keep = ("epoch", "step", "val_top1_error", "val_top5_error", "val_loss", "train_loss", "lr",
+            "warning")  # fmt: skip
+    if spec["kind"] == "control":  # disk: a control's weights and state are not needed after
         (folder / "state.pt").unlink(missing_ok=True)
         (folder / "model.safetensors").unlink(missing_ok=True)
-    return result
+    return {
+        "seconds": t["seconds"], "device": t["device"], "fast_mode": t["fast_mode"],
+        "batch_size": spec["profile"]["train"]["batch_size"],
+        "steps_per_epoch": t["steps_per_epoch"], "chance_loss": chance, "steps": steps,
+        "losses": losses, "leave_chance_step": leave_chance_step(steps, losses, chance,
+                                                                 cfg.margin),
+        "first_steps_mean_loss": float(np.mean(losses[:2])) if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "epochs": [{k: r.get(k) for k in keep} for r in t["history"] if r.get("kind") == "epoch"],
+    }  # fmt: skip
+
+
+def _profile(cfg: RecipesConfig, row: Row):
+    """A recipe as it is, or `paper` with the control's change (and --set for both)."""
+    name = row.note.get("profile", "paper")
+    return apply_overrides(get_profile(name), [*cfg.sets, *row.sets])
+
+
+def recipes_study(cfg: RecipesConfig, store: Path) -> Study:
+    n_train = open_store(store).size("train")
+    rows = [Row(name, name, (), {"kind": "recipe", "profile": name}, (0,)) for name in cfg.recipes]
+    rows += [Row(f"control-{k}", BY_KEY[k].label, BY_KEY[k].sets, {"kind": "control"})
+             for k in cfg.controls]  # fmt: skip
+    profiles = {row.key: _profile(cfg, row) for row in rows}  # a bad override fails here
+
+    def spec(row: Row, seed: int) -> dict[str, Any]:
+        p = profiles[row.key]
+        steps = (cfg.epochs * (n_train // p.train.batch_size) if row.note["kind"] == "recipe"
+                 else cfg.control_steps)  # fmt: skip
+        return {"kind": row.note["kind"], "name": row.key, "max_steps": steps,
+                "store": str(Path(store).resolve()), "fast": cfg.fast, "log_every": cfg.log_every,
+                "val_limit": cfg.val_limit, "profile": p.to_dict()}  # fmt: skip
+
+    budget = {"epochs": cfg.epochs, "control_steps": cfg.control_steps}
+    return Study("recipes", cfg.out, rows, range(cfg.seeds), budget, spec,
+                 lambda row, seed, folder, s: _one(cfg, store, row, seed, folder, s), METRICS,
+                 device=cfg.device)  # fmt: skip
 
 
 def run_recipes(cfg: RecipesConfig) -> dict[str, Any]:
     """Runs (or resumes) the recipes and the controls; writes OUT/recipes.{json,md,png} and
     controls.png; returns the JSON."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     store = Path(cfg.data) if cfg.data else default_store(cfg.out, None)
-    st = open_store(store)
-    n_train = st.size("train")
-    recipes = {name: apply_overrides(get_profile(name), list(cfg.sets)) for name in cfg.recipes}
-    controls = {
-        key: apply_overrides(get_profile("paper"), [*cfg.sets, *BY_KEY[key].sets])
-        for key in cfg.controls
-    }  # a bad override fails here, before any training
-    seeds = list(range(cfg.seeds))
-    todo = len(recipes) + len(controls) * len(seeds)
-    bar = progress(todo, "recipes", unit="run")
-    results: dict[str, Any] = {"recipes": {}, "controls": {}}
-    for name, profile in recipes.items():
-        bar.set_postfix_str(name)
-        per_epoch = n_train // profile.train.batch_size
-        r = _one(cfg, store, name, profile, 0, cfg.epochs * per_epoch, "recipe")
-        results["recipes"][name] = r
-        bar.update(1)
-    for seed in seeds:  # seed-major: a stopped run has every control for its first seeds
-        for key, profile in controls.items():
-            bar.set_postfix_str(f"{key} seed {seed}")
-            r = _one(cfg, store, f"control-{key}", profile, seed, cfg.control_steps, "control")
-            results["controls"].setdefault(key, []).append(r)
-            bar.update(1)
-    bar.close()
-    summary = summarise(cfg, st, results)
-    write_json(out / "recipes.json", summary)
-    write_text(out / "recipes.md", recipes_markdown(summary))
-    plot_recipes(summary, out / "recipes.png")
+    study = recipes_study(cfg, store)
+    results = run_study(study)
+    summary = summarise(cfg, open_store(store), summarise_study(study, results), results)
+    write_study(cfg.out, "recipes", summary, recipes_markdown(summary),
+                lambda path: plot_recipes(summary, path))  # fmt: skip
     if summary["controls"]:
-        plot_controls(summary, out / "controls.png")
+        plot_controls(summary, Path(cfg.out) / "controls.png")
     return summary
 
 
-def summarise(cfg: RecipesConfig, store, results) -> dict[str, Any]:
+def summarise(cfg: RecipesConfig, store, summary: dict[str, Any], results) -> dict[str, Any]:
     def curve(r):
         return {"steps": r["steps"], "losses": r["losses"]}
 
-    recipes = {}
-    for name, r in results["recipes"].items():
+    recipes, controls = {}, {}
+    for name in cfg.recipes:
+        r = results[name][0]
         recipes[name] = {
             "leave_chance_step": r["leave_chance_step"],
             "first_steps_mean_loss": r["first_steps_mean_loss"],
             "loss_at": {s: loss_at(r["steps"], r["losses"], s) for s in LOSS_AT},
-            "epochs": r["epochs"],
-            "steps_per_epoch": r["steps_per_epoch"],
-            "seconds": r["seconds"],
-            "curve": curve(r),
-        }
-    controls = {}
-    for key, rs in results["controls"].items():
-        c = BY_KEY[key]
+            "epochs": r["epochs"], "steps_per_epoch": r["steps_per_epoch"],
+            "seconds": r["seconds"], "curve": curve(r),
+        }  # fmt: skip
+    for key in cfg.controls:
+        rs, c = results[f"control-{key}"], BY_KEY[key]
         controls[key] = {
-            "label": c.label,
-            "sets": list(c.sets),
+            "label": c.label, "sets": list(c.sets),
             "leave_chance_step": [r["leave_chance_step"] for r in rs],
-            "loss_at": {
-                s: [loss_at(r["steps"], r["losses"], s) for r in rs]
-                for s in LOSS_AT
-                if s <= cfg.control_steps
-            },
+            "loss_at": {s: [loss_at(r["steps"], r["losses"], s) for r in rs]
+                        for s in LOSS_AT if s <= cfg.control_steps},
             "first_steps_mean_loss": [r["first_steps_mean_loss"] for r in rs],
-            "curves": [curve(r) for r in rs],
-            "seeds": [r["spec"]["seed"] for r in rs],
-        }
-    any_run = next(iter(results["recipes"].values()), None) or next(
-        (rs[0] for rs in results["controls"].values()), None
-    )
-    return {
-        "experiment": "do the paper's recipes learn?",
-        "store": Path(store.path).name,
-        "store_train_images": store.size("train"),
-        "classes": store.num_classes,
-        "chance_loss": math.log(store.num_classes),
-        "margin": cfg.margin,
-        "log_every": cfg.log_every,
-        "epochs": cfg.epochs,
-        "control_steps": cfg.control_steps,
-        "sets": list(cfg.sets),
-        "device": any_run["device"] if any_run else None,
+            "curves": [curve(r) for r in rs], "seeds": [r["spec"]["seed"] for r in rs],
+        }  # fmt: skip
+    any_run = next(rs[0] for rs in results.values()) if results else None
+    return summary | {
+        "experiment": "do the paper's recipes learn?", "store": Path(store.path).name,
+        "store_train_images": store.size("train"), "classes": store.num_classes,
+        "chance_loss": math.log(store.num_classes), "margin": cfg.margin,
+        "log_every": cfg.log_every, "epochs": cfg.epochs, "control_steps": cfg.control_steps,
+        "sets": list(cfg.sets), "device": any_run["device"] if any_run else None,
         "fast_mode": any_run["fast_mode"] if any_run else None,
-        "recipes": recipes,
-        "controls": controls,
+        "recipes": recipes, "controls": controls,
         "definition": (
             "leave_chance_step: the first logged step (each point the mean loss over "
             f"{cfg.log_every} steps) whose loss and the next two are below ln(classes) - "
             f"{cfg.margin}"
         ),
-    }
+    }  # fmt: skip
 
 
 def _steps_text(v) -> str:
@@ -374,6 +313,8 @@ def recipes_markdown(summary: dict[str, Any]) -> str:
             f"value per seed; chance {chance:.3f}, threshold {chance - m:.3f})\n\n"
         )
         text += markdown_table(header, rows)
+    text += "\n**Over seeds** (mean (min-max), 95% t-interval; a seed that never left chance: "
+    text += "'n of N reached')\n\n" + study_table(summary, METRICS)
     return text
 
 
