@@ -84,27 +84,143 @@ class ChannelsLastPad(nn.Module):
         self.pad = pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tracing() or x.device.type != "cpu" or x.dim() != 4:
+        if tracing() or x.device.type != "cpu" or x.dim() != 4 or min(self.pad.padding) < 0:
             return self.pad(x)
-        left, right, top, bottom = self.pad.padding
-        if min(left, right, top, bottom) < 0:
-            return self.pad(x)
-        n, c, h, w = x.shape
-        dtype = x.dtype
-        if dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
-            dtype = torch.get_autocast_dtype("cpu")
-        out = torch.empty(
-            (n, c, top + h + bottom, left + w + right),
-            dtype=dtype,
-            device=x.device,
-            memory_format=torch.channels_last,
+        return _padded_channels_last(x, self.pad.padding)
+
+
+def _padded_channels_last(x: torch.Tensor, padding) -> torch.Tensor:
+    """x zero-padded by (left, right, top, bottom) >= 0 in one copy, channels_last, in the CPU
+    autocast dtype when autocast is on for float32 (what a conv would cast it to)."""
+    left, right, top, bottom = padding
+    n, c, h, w = x.shape
+    out = torch.empty(
+        (n, c, top + h + bottom, left + w + right),
+        dtype=_conv_dtype(x),
+        device=x.device,
+        memory_format=torch.channels_last,
+    )
+    out[:, :, top : top + h, left : left + w] = x
+    out[:, :, :top] = 0
+    out[:, :, top + h :] = 0
+    out[:, :, top : top + h, :left] = 0
+    out[:, :, top : top + h, left + w :] = 0
+    return out
+
+
+class SpaceToDepthConv(nn.Conv2d):
+    """conv1 (with pad1's zero padding) computed as the same convolution on the image's s x s
+    blocks: space-to-depth (as in MLPerf's ResNet-50 stems). The padded image's s x s blocks
+    become channels (3 -> 3 s^2 maps of side 1/s) and the k x k kernel of stride s becomes a
+    ceil(k/s) x ceil(k/s) kernel of stride 1 (zero taps fill it out to a multiple of s). Used
+    only where conv1 computes in bfloat16 on a CPU: there oneDNN ran the conv1 stage's forward
+    and backward in 75.6 ms instead of 107.5 (batch 64, one thread, Intel Xeon, 2026-12-05;
+    the whole training step 809 against 831 ms); in float32 the block form was slower (272
+    against 239 ms), so float32 keeps the strided convolution. It is conv1's own module (an nn.Conv2d holding the same weight and bias: the same
+    state_dict keys), the padding it replaced kept as `pad`; the output is the plain stages'
+    to float rounding (the same products, summed in another order)."""
+
+    def __init__(self, conv: nn.Conv2d, pad: nn.ZeroPad2d | None = None):
+        nn.Module.__init__(self)
+        for name in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "transposed",
+            "output_padding",
+            "groups",
+            "padding_mode",
+        ):
+            setattr(self, name, getattr(conv, name))  # fmt: skip
+        self.weight, self.bias = conv.weight, conv.bias
+        self.pad = pad if pad is not None else nn.Identity()
+
+    @staticmethod
+    def applies(conv: nn.Module) -> bool:
+        """A plain 2-D convolution with a stride over 1 (conv1), no dilation, groups or padding
+        other than zeros."""
+        return (
+            type(conv) is nn.Conv2d
+            and conv.stride[0] > 1
+            and conv.stride[0] == conv.stride[1]
+            and conv.dilation == (1, 1)
+            and conv.groups == 1
+            and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple)
         )
-        out[:, :, top : top + h, left : left + w] = x
-        out[:, :, :top] = 0
-        out[:, :, top + h :] = 0
-        out[:, :, top : top + h, :left] = 0
-        out[:, :, top : top + h, left + w :] = 0
-        return out
+
+    def plain(self) -> tuple[nn.Module, nn.Conv2d]:
+        """(the padding, an nn.Conv2d) computing this module's function the plain way, holding
+        the same parameters (what unfuse puts back)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, self.bias is not None,
+                         self.padding_mode, device="meta")  # fmt: skip
+        conv.weight, conv.bias = self.weight, self.bias
+        return self.pad, conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tracing() or x.device.type != "cpu" or x.dim() != 4:
+            return self._conv_forward(self.pad(x), self.weight, self.bias)
+        padding = self.pad.padding if isinstance(self.pad, nn.ZeroPad2d) else (0, 0, 0, 0)
+        if _conv_dtype(x) != torch.bfloat16 or min(padding) < 0:
+            # float32 and float64: the strided conv measured faster than the block form (and
+            # float64 stays exactly the plain stages'); the padded batch in one copy.
+            x = _padded_channels_last(x, padding) if min(padding) >= 0 else self.pad(x)
+            return self._conv_forward(x, self.weight, self.bias)
+        return space_to_depth_conv2d(x, self.weight, self.bias, self.stride[0], self.padding,
+                                     padding)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", space_to_depth={self.stride[0]}"
+
+
+def _conv_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a CPU convolution of x computes in (float32 becomes the autocast dtype)."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
+
+
+def space_to_depth_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    s: int,
+    padding: tuple[int, int] = (0, 0),
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> torch.Tensor:
+    """conv2d(zero_pad(x, pad), weight, bias, stride=s, padding=padding) computed on x's s x s
+    blocks (SpaceToDepthConv); pad is (left, right, top, bottom) >= 0, as nn.ZeroPad2d's."""
+    n, c, h, w = x.shape
+    out_channels, _, kh, kw = weight.shape
+    left, right, top, bottom = pad
+    ph, pw = padding
+    ho = (h + top + bottom + 2 * ph - kh) // s + 1
+    wo = (w + left + right + 2 * pw - kw) // s + 1
+    bh, bw = -(-kh // s), -(-kw // s)  # the block kernel: ceil(k / s) blocks
+    # Padded to exactly the rows and columns the block kernel reads (those past the plain conv's
+    # last tap meet zero taps), in one channels_last copy in the dtype the conv computes in.
+    t, lf = top + ph, left + pw
+    pads = (lf, (wo - 1 + bw) * s - w - lf, t, (ho - 1 + bh) * s - h - t)
+    if min(pads) < 0:  # a crop (a geometry no profile has)
+        x = nn.functional.pad(x, pads).contiguous(memory_format=torch.channels_last)
+    else:
+        x = _padded_channels_last(x, pads)
+    # Pixels (n, i*s + a, j*s + b, c'), channels_last, to (n, i, j, a, b, c') in one copy (runs
+    # of s*c contiguous values): maps of s*s*c channels, channel (a*s + b)*c + c' holding pixel
+    # (a, b) of map c' in block (i, j).
+    hb, wb = x.shape[2] // s, x.shape[3] // s
+    blocks = x.permute(0, 2, 3, 1).reshape(n, hb, s, wb, s, c).transpose(2, 3).contiguous()
+    blocks = blocks.reshape(n, hb, wb, s * s * c).permute(0, 3, 1, 2)
+    # The kernel in the same order: zero taps out to (bh*s, bw*s), then tap (i*s + a, j*s + b)
+    # of map c' to channel (a*s + b)*c + c' at block tap (i, j).
+    weight = nn.functional.pad(weight, (0, bw * s - kw, 0, bh * s - kh))
+    weight = weight.reshape(out_channels, c, bh, s, bw, s).permute(0, 3, 5, 1, 2, 4)
+    weight = weight.reshape(out_channels, s * s * c, bh, bw)
+    return nn.functional.conv2d(blocks, weight, bias)
 
 
 def _is_relu(m: nn.Module) -> bool:
@@ -125,6 +241,14 @@ def fuse(model: nn.Module) -> nn.Module:
             lrn_pool.available()  # built and loaded now, not inside a traced forward
     for i, name in enumerate(names):
         norm = getattr(model, name)
+        first = getattr(model, names[1]) if len(names) > 1 else None
+        if i == 0 and type(norm) is nn.ZeroPad2d and SpaceToDepthConv.applies(first):
+            setattr(model, names[1], SpaceToDepthConv(first, norm))  # pad1 and conv1
+            setattr(model, name, nn.Identity())
+            continue
+        if i == 0 and SpaceToDepthConv.applies(norm):  # conv1 with no pad1 (Caffe's 227)
+            setattr(model, name, SpaceToDepthConv(norm))
+            continue
         if type(norm) is nn.ZeroPad2d and i == 0:
             setattr(model, name, ChannelsLastPad(norm))
             continue
@@ -148,6 +272,12 @@ def unfuse(model: nn.Module) -> nn.Module:
     names = [n for n, _ in model.named_children()]
     for i, name in enumerate(names):
         fused = getattr(model, name)
+        if isinstance(fused, SpaceToDepthConv):
+            pad, conv = fused.plain()
+            setattr(model, name, conv)
+            if i > 0 and isinstance(pad, nn.ZeroPad2d):
+                setattr(model, names[i - 1], pad)
+            continue
         if isinstance(fused, ChannelsLastPad):
             setattr(model, name, fused.pad)
             continue
@@ -161,4 +291,5 @@ def unfuse(model: nn.Module) -> nn.Module:
 
 
 def is_fused(model: nn.Module) -> bool:
-    return any(isinstance(m, (FastLRN, ChannelsLastPad)) for m in model.modules())
+    fused = (FastLRN, ChannelsLastPad, SpaceToDepthConv)
+    return any(isinstance(m, fused) for m in model.modules())
