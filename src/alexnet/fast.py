@@ -116,9 +116,10 @@ class SpaceToDepthConv(nn.Conv2d):
     only where conv1 computes in bfloat16 on a CPU: there oneDNN ran the conv1 stage's forward
     and backward in 75.6 ms instead of 107.5 (batch 64, one thread, Intel Xeon, 2026-12-05;
     the whole training step 809 against 831 ms); in float32 the block form was slower (272
-    against 239 ms), so float32 keeps the strided convolution. It is conv1's own module (an nn.Conv2d holding the same weight and bias: the same
-    state_dict keys), the padding it replaced kept as `pad`; the output is the plain stages'
-    to float rounding (the same products, summed in another order)."""
+    against 239 ms), so float32 keeps the strided convolution. It is conv1's own module (an
+    nn.Conv2d holding the same weight and bias: the same state_dict keys), the padding it
+    replaced kept as `pad`; the output is the plain stages' to float rounding (the same
+    products, summed in another order)."""
 
     def __init__(self, conv: nn.Conv2d, pad: nn.ZeroPad2d | None = None):
         nn.Module.__init__(self)
