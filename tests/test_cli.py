@@ -151,3 +151,25 @@ def test_one_name_per_limit_and_the_old_spellings_still_work(capsys):
     assert p.parse_args(["prepare", "o", "--limit", "7"]).store_limit == 7
     assert cli_main(["prepare", "src", "out", "--limit", "0"]) == 2
     one_line_error(capsys.readouterr().err, "--store-limit", "0")
+
+
+def test_every_flag_of_every_command_has_help_and_none_is_abbreviated():
+    """The whole parser tree: no flag without help, no parser that guesses a shortened flag."""
+    import argparse
+
+    from alexnet.commands import build_parser
+
+    missing, guessing = [], []
+
+    def walk(p, path):
+        if p.allow_abbrev:
+            guessing.append(" ".join(path))
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, [*path, name])
+            elif not a.help and a.dest != "help":
+                missing.append(f"{' '.join(path)} {a.option_strings or a.dest}")
+
+    walk(build_parser(), ["alexnet"])
+    assert not missing and not guessing, (missing, guessing)

@@ -192,13 +192,16 @@ def test_eval_loader_order_views_and_shards(store):
     assert [len(y) for p in parts for _, y in p] == [2, 1, 2, 1]  # 3 images each
     joined = torch.cat([xb for p in parts for xb, _ in p]).numpy()
     np.testing.assert_array_equal(joined, x)
-    # limit: 5 of the 6 images spread over the split (0, 1.25, 2.5, 3.75, 5 rounded), shared
-    # out among the ranks
+    # limit: 5 of the 6 images (2 per class), class-balanced (1, 2 and 2 of the 3 classes: the
+    # counts differ by at most one), in store order, shared out among the ranks
     lim = [list(make_eval_loader(store, DATA, 8, rank=r, world_size=2, limit=5, workers=0))
            for r in (0, 1)]  # fmt: skip
     assert [len(y) for p in lim for _, y in p] == [2, 3]
     got = torch.cat([xb for p in lim for xb, _ in p]).numpy()
-    np.testing.assert_array_equal(got, x[[0, 1, 2, 4, 5]])
+    which = [next(i for i in range(n) if np.array_equal(g, x[i])) for g in got]
+    assert which == sorted(set(which)) and len(which) == 5
+    counts = np.bincount(store.labels("val")[which], minlength=3)
+    assert sorted(counts.tolist()) == [1, 2, 2]
 
 
 def test_spread_indices_sample_every_class_of_a_sorted_store():
@@ -398,3 +401,27 @@ def test_default_workers_use_the_cores_shared_among_local_ranks(monkeypatch):
     monkeypatch.setattr(L, "available_cpus", lambda: 1)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert L.default_loader_workers() == 1
+
+
+def test_an_epoch_longer_than_the_split_cycles_it_each_pass_in_its_own_order(store):
+    """train.min_steps on a small folder: an epoch of 10 batches of 4 over 18 images is three
+    passes, each a permutation of the split (pass 0 the epoch's usual order), so every image is
+    seen once per pass; the batches are still a function of (seed, epoch, batch)."""
+    from alexnet.data import TrainLoader, epoch_permutation
+
+    n = store.size("train")
+    loader = TrainLoader(store, DATA, 4, seed=1, workers=0, decode="cpu", epoch_batches=10)
+    assert len(loader) == 10 > n // 4
+    perm = loader._workers.dataset._perm(0)
+    passes = [perm[p * n : (p + 1) * n] for p in range(3)]
+    assert np.array_equal(passes[0], epoch_permutation(n, 1, 0))
+    for p in passes:
+        assert sorted(p.tolist()) == list(range(n))
+    assert not np.array_equal(passes[0], passes[1])
+    ys = torch.cat([y for _, y in loader.epoch(0)]).numpy()
+    assert len(ys) == 40
+    want = np.bincount(store.labels("train"), minlength=3) * 2  # two whole passes
+    assert np.array_equal(np.bincount(ys[: 2 * n], minlength=3), want)
+    again = torch.cat([y for _, y in loader.epoch(0, start_batch=5)]).numpy()
+    assert np.array_equal(again, ys[20:])  # a resumed epoch: the same batches
+    loader.close()

@@ -325,7 +325,9 @@ def register_neighbors(sub) -> None:
     p.add_argument("--train-limit", type=int, help="search only the first N training images")
     p.add_argument("--seed", type=int, default=0, help="of the random queries")
     p.add_argument("--out", help="output folder (default: the run folder)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="images per forward pass (default 32)"
+    )
     p.add_argument("--workers", type=int, help="loader worker processes")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     p.set_defaults(handler=run_neighbors)
