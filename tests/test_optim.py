@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from alexnet.config import CUDA_CONVNET, PAPER, TrainConfig, replace_checked
+from alexnet.errors import BadInput
 from alexnet.model import build_model
 from alexnet.optim import LRSchedule, PaperSGD, make_optimizer, param_groups
 
@@ -415,3 +416,19 @@ def test_plateau_rule_waits_while_the_net_is_at_chance():
     fresh.load_state_dict(json.loads(json.dumps(LRSchedule(train, 10, chance_error=0.9)
                                                 .state_dict())))  # fmt: skip
     assert fresh.at_chance
+
+
+def test_min_steps_makes_a_small_splits_epochs_longer_not_more():
+    """train.min_steps (the finetune profile's 300): the epochs stay the recipe's, each long
+    enough for the run to have the steps, so the warm-up (1 epoch of 10) stays a tenth of it."""
+    from alexnet.config import RunConfig, RunSpec, get_profile
+
+    spec = RunSpec.checked(get_profile("finetune"), RunConfig(data="s", out="o"))
+    t = spec.profile.train
+    assert (t.epochs, t.min_steps, t.batch_size, t.warmup_epochs) == (10, 300, 32, 1)
+    for images, steps in ((90, 30), (300, 30), (900, 30), (3200, 100), (32, 30)):
+        assert spec.steps_per_epoch(images) == steps  # max(images // 32, ceil(300 / 10))
+    with pytest.raises(BadInput, match="fewer than one batch"):
+        spec.steps_per_epoch(31)
+    demo = RunSpec.checked(get_profile("demo"), RunConfig(data="s", out="o"))
+    assert demo.steps_per_epoch(90) == 2  # no floor: 90 // 32

@@ -28,6 +28,7 @@ RANKS = {
     "alexnet.data.listing": 2,
     "alexnet.data.images": 2,
     "alexnet.data.store": 2,
+    "alexnet.data.photos": 2,
     "alexnet.towers": 3,
     "alexnet.runlog": 3,
     "alexnet.data.imagenet": 3,
@@ -42,6 +43,8 @@ RANKS = {
     "alexnet.summary": 6,
     "alexnet.benchmarks.report": 6,
     "alexnet.evaluate": 7,
+    "alexnet.runfolder": 7,
+    "alexnet.trainstate": 7.5,  # (the train loop, rank 8, imports it)
     "alexnet.train": 8,
     "alexnet.experiments.common": 9,
     "alexnet.benchmarks.model": 9,

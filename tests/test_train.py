@@ -330,3 +330,22 @@ def test_init_lr_mult_and_layout_mismatch(reference_run, tmp_path, capsys):
                    "torchvision", "--init", str(reference_run)])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
+
+
+def test_a_run_that_ends_at_chance_says_so_at_the_end(tiny_store, tmp_path, capsys):
+    """lr 0: the net cannot leave chance (66.7% on 3 balanced classes); the finished run's
+    result and stderr say so, with what to try; a run with --init is pointed to the finetune
+    profile."""
+    profile = apply_overrides(get_profile("paper"), ["train.epochs=1", "train.batch_size=8",
+                                                     "train.lr=0"])  # fmt: skip
+    run = RunConfig(data=str(tiny_store), out=str(tmp_path / "r"), fast=False, workers=0)
+    trainer = Trainer(profile, run)
+    result = trainer.fit()
+    err = result["last_epoch"]["val_top1_error"]
+    assert err >= 1 - 1 / 3 - 0.05  # at chance, as lr 0 must leave it
+    assert "ended at chance" in result["warning"] and "--lr" in result["warning"]
+    assert "warning: the run ended at chance" in capsys.readouterr().err
+    trainer.run = dataclasses.replace(run, init="runs/demo")  # as if fine-tuned
+    assert "--profile finetune" in trainer.ended_at_chance()
+    trainer.history[-1] = {**trainer.history[-1], "val_top1_error": 0.5}  # below chance - 5%
+    assert trainer.ended_at_chance() is None

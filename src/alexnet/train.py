@@ -173,7 +173,30 @@ class Trainer:
         result = {"status": status, "position": dataclasses.asdict(self.pos)}
         if self.history:
             result["last_epoch"] = self.history[-1]
+            warning = self.ended_at_chance() if status == "done" else None
+            if warning:
+                result["warning"] = warning
+                if self.is_main:
+                    print(f"warning: {warning}", file=sys.stderr)
         return result
+
+    def ended_at_chance(self) -> str | None:
+        """A finished run whose last validation is still within plateau_chance_margin of
+        chance (1 - 1/classes) has learnt nothing a user can use: said at the end, loudly."""
+        err, chance = self.history[-1]["val_top1_error"], 1.0 - 1.0 / self.num_classes
+        if err < chance - self.profile.train.plateau_chance_margin:
+            return None
+        hint = (
+            "fine-tuning on a small folder: --profile finetune (at least 300 steps, lr 0.002, "
+            "warm-up; README, 'Your own photos')"
+            if self.run.init
+            else "a lower --lr, more --epochs, or --init from a trained run with --profile finetune"
+        )
+        return (
+            f"the run ended at chance: validation top-1 error {err:.2%} after "
+            f"{self.pos.step:,} steps, chance {chance:.2%}; this network has learnt nothing "
+            f"usable. Try {hint}"
+        )
 
     def _epochs(self, interrupt: Interrupt) -> str:
         """The epochs left: "done", "interrupted" or "max_steps"."""

@@ -229,6 +229,7 @@ class _TrainBatches(_Batches):
         self.specs = specs  # {lighting on: ViewSpec, off: ViewSpec}
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world = rank, world
+        self.positions_per_epoch = 0  # set by TrainLoader: global batches x their size
         self._perms: dict[int, np.ndarray] = {}
 
     def positions(self, b: int) -> np.ndarray:
@@ -240,7 +241,13 @@ class _TrainBatches(_Batches):
         if epoch not in self._perms:
             if len(self._perms) >= 2:  # the epoch ending and the one starting
                 self._perms.pop(min(self._perms))
-            self._perms[epoch] = epoch_permutation(self.store.size(self.split), self.seed, epoch)
+            n = self.store.size(self.split)
+            # An epoch longer than the split (train.min_steps) cycles it: pass p in its own
+            # order, a function of (seed, epoch, p); pass 0 is the epoch's usual order.
+            passes = max(1, -(-self.positions_per_epoch // n))
+            self._perms[epoch] = np.concatenate(
+                [epoch_permutation(n, self.seed, epoch, p) for p in range(passes)]
+            )
         return self._perms[epoch]
 
     def __getitem__(self, key):
@@ -539,16 +546,17 @@ class TrainLoader:
         split: str = "train",
         decode: str = "auto",
         stats=None,  # the store's own statistics unless given (fine-tuning: --init-stats init)
-        # Batches per epoch: the first N of each epoch's order (the trainer's epoch length,
-        # config.RunSpec.steps_per_epoch); default every whole global batch of the split.
+        # Batches per epoch (the trainer's epoch length, config.RunSpec.steps_per_epoch): the
+        # first N of each epoch's order, or more than the split holds, which then cycles (each
+        # pass in its own order); default every whole global batch of the split.
         epoch_batches: int | None = None,
     ):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise BadInput(f"bad batch_size/rank/world_size {batch_size}/{rank}/{world_size}")
         n = store.size(split)
         self.num_batches = n // (batch_size * world_size)
-        if epoch_batches is not None:
-            self.num_batches = min(self.num_batches, epoch_batches)
+        if epoch_batches is not None:  # fewer (a budget), or more: the split cycled
+            self.num_batches = epoch_batches if n >= batch_size * world_size else 0
         if self.num_batches == 0:
             raise BadInput(
                 f"the {split} split has {n} images, fewer than one global batch of "
@@ -561,6 +569,7 @@ class TrainLoader:
         ds = _TrainBatches(
             store, split, self.specs, batch_size, seed, rank, world_size, self.decode == "gpu"
         )
+        ds.positions_per_epoch = self.num_batches * batch_size * world_size
         self._workers = _Workers(ds, self.workers, self.device)
 
     def __len__(self) -> int:

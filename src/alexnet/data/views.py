@@ -61,9 +61,10 @@ def hash_normal(seed: int, epoch: int, stream: int, idx, k: int) -> np.ndarray:
     return r * np.cos(2.0 * math.pi * u[:, k:])
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of an epoch: a function of (seed, epoch) only."""
-    ss = np.random.SeedSequence([seed & _MASK, epoch & _MASK, 0xA1E])
+def epoch_permutation(n: int, seed: int, epoch: int, part: int = 0) -> np.ndarray:
+    """The order of an epoch: a function of (seed, epoch) only; `part` p > 0: the order of the
+    epoch's pass p over a split it cycles (train.min_steps)."""
+    ss = np.random.SeedSequence([seed & _MASK, epoch & _MASK, 0xA1E] + ([part] if part else []))
     return np.random.default_rng(ss).permutation(n)
 
 
