@@ -61,7 +61,6 @@ RANKS = {
     "alexnet.experiments.recipes": 12,
     "alexnet.experiments": 13,
     "alexnet.benchmarks": 13,
-    "alexnet.commands.outputs": 13,
     "alexnet.commands.summary": 14,
     "alexnet.commands.prepare": 14,
     "alexnet.commands.train": 14,

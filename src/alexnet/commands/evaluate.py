@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from alexnet import checkpoint
-from alexnet.commands.outputs import check_output
 from alexnet.devices import resolve_device
 from alexnet.errors import BadInput
 from alexnet.evaluate import (
@@ -18,6 +17,7 @@ from alexnet.evaluate import (
     predict_networks,
     read_classes,
 )
+from alexnet.runfolder import check_output
 from alexnet.runlog import shows_top5
 
 # --device of evaluate and predict: the names devices.resolve_device takes.

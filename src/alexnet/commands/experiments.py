@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alexnet.commands.outputs import check_output
 from alexnet.config import get_profile
 from alexnet.data.sources import FASHION_MNIST_DIR
 from alexnet.devices import resolve_device
 from alexnet.errors import BadInput
 from alexnet.experiments import ablate, figure1, finetune, kernels, neighbors, recipes, report
+from alexnet.runfolder import check_output
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alexnet.commands.outputs import check_output
 from alexnet.data.images import MAX_PIXELS
 from alexnet.data.prepare import DEFAULT_QUALITY, ENCODINGS, prepare_store
 from alexnet.data.sources import FASHION_MNIST_DIR, KINDS, download_fashion_mnist, idx_file
 from alexnet.errors import BadInput
 from alexnet.fileio import MAX_FILE_BYTES
+from alexnet.runfolder import check_output
 
 
 def run_prepare(args) -> int:
