@@ -128,6 +128,17 @@ def run_import_torchvision(args) -> int:
     return 0
 
 
+def add_views_flag(p) -> None:
+    """--views, as evaluate and predict both take it."""
+    p.add_argument(
+        "--views",
+        type=int,
+        choices=(1, 10),
+        default=1,
+        help="1: the centre crop (default); 10: the paper's ten views, averaged (Sec. 4.1)",
+    )
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "evaluate",
@@ -144,13 +155,7 @@ def register(sub) -> None:
         help="a prepared store (default: the store the (first) run was trained on)",
     )
     p.add_argument("--split", default="val", help="the store's split to evaluate (default val)")
-    p.add_argument(
-        "--views",
-        type=int,
-        choices=(1, 10),
-        default=1,
-        help="1: the centre crop (default); 10: the paper's ten views, averaged (Sec. 4.1)",
-    )
+    add_views_flag(p)
     p.add_argument(
         "--batch-size",
         type=int,
@@ -203,13 +208,7 @@ def register(sub) -> None:
         "... under a folder, recursively, in name order)",
     )
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
-    p.add_argument(
-        "--views",
-        type=int,
-        choices=(1, 10),
-        default=1,
-        help="1: the centre crop (default); 10: the paper's ten views, averaged (Sec. 4.1)",
-    )
+    add_views_flag(p)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.set_defaults(handler=run_predict)
