@@ -66,7 +66,7 @@ if [ "${1:-}" = "__recipes" ] || [ "${1:-}" = "__ablate" ]; then
     }
     status=0
     if [ "$1" = "__recipes" ]; then
-        for recipes in paper paper,cuda-convnet; do # the second run reuses the first's
+        for recipes in ${RECIPE_RUNS:-paper paper,cuda-convnet}; do # the second reuses the first's
             run recipes --data "$STORE" --out "$WORK/recipes" --recipes "$recipes" \
                 $RECIPES_ARGS
             rc=$?
@@ -75,7 +75,7 @@ if [ "${1:-}" = "__recipes" ] || [ "${1:-}" = "__ablate" ]; then
         done
     else
         rows=""
-        for row in lrn pool dropout towers; do # the most informative first
+        for row in ${ABLATE_ROWS:-lrn pool dropout towers}; do # the most informative first
             rows=${rows:+$rows,}$row
             run ablate --profile paper --data "$STORE" --out "$WORK/ablate" --only "$rows" \
                 $ABLATE_ARGS
@@ -111,7 +111,9 @@ if ((DRY)); then # the same steps on the CPU, tiny: the script cannot rot unnoti
         --device cpu"
     export ABLATE_ARGS="--seeds 1 --steps 2 --batch-size 16 --val-limit 16 --workers 1 \
         --device cpu"
-    ABLATE_ROWS_NOTE="(dry run: 1 seed, 2 steps)"
+    # One invocation each (the suite's time; caching across invocations has its own tests)
+    export RECIPE_RUNS="paper,cuda-convnet" ABLATE_ROWS="lrn"
+    ABLATE_ROWS_NOTE="(dry run: 1 seed, 2 steps, the lrn row)"
 else
     DEV=cuda
     TOTAL=${TOTAL:-470}

@@ -66,7 +66,7 @@ def test_gpu_script_dry_run(tmp_path):
     assert set(r["recipes"]["recipes"]) == {"paper", "cuda-convnet"}
     assert all(len(x["epochs"]) == 1 for x in r["recipes"]["recipes"].values())
     rows = [x["key"] for x in r["ablate"]["rows"]]
-    assert rows == ["baseline", "lrn", "pool", "dropout", "towers"]  # added one at a time
+    assert rows == ["baseline", "lrn"]  # the dry run's one row (on a GPU: added one at a time)
     assert r["bench_model_compile"]["rows"]
 
     md = (out / "BENCHMARKS.md").read_text()
