@@ -130,7 +130,12 @@ def test_a_failed_train_leaves_no_empty_run_folder(tiny_store, tmp_path, capsys)
             str(tmp_path / "no")]  # fmt: skip
     assert cli_main(argv) == 2
     one_line_error(capsys.readouterr().err, "--init")
-    assert not out.exists()
+    assert not out.exists() and not out.parent.exists()  # nor the parent it made for it
+    # a failure inside the run (a split smaller than one batch): the same, with a hint
+    argv = ["train", "--data", str(tiny_store), "--out", str(out), "-b", "64"]
+    assert cli_main(argv) == 2
+    assert "-b 18" in one_line_error(capsys.readouterr().err, "fewer than one batch")
+    assert not out.parent.exists()
 
 
 def test_top5_only_where_it_means_something():

@@ -234,7 +234,8 @@ class RunSpec:
         images = train_images if t.epoch_images is None else min(train_images, t.epoch_images)
         if images < t.batch_size:
             raise BadInput(
-                f"the train split has {train_images} images, fewer than one batch of {t.batch_size}"
+                f"the train split has {train_images} images, fewer than one batch of "
+                f"{t.batch_size} (a smaller batch: -b {max(1, train_images // 2)})"
             )
         return max(images // t.batch_size, -(-t.min_steps // t.epochs))  # ceil
 

@@ -163,10 +163,10 @@ class RunFolder:
         fails before the run wrote anything, a folder this call made is removed again (no empty
         run folder holding only its lock)."""
         out = self.path
-        made = False
+        made: list[Path] = []  # the folders this call creates, the run folder first
         if not resume:
             refuse_store(out, self.flag)
-            made = not out.exists()
+            made = [p for p in (out, *out.parents) if not p.exists()]
             make_output_folder(out, self.flag)
         try:
             with exclusive_lock(out):
@@ -176,5 +176,6 @@ class RunFolder:
                 with contextlib.suppress(OSError):
                     if [p.name for p in out.iterdir()] in ([], [LOCK_NAME]):
                         (out / LOCK_NAME).unlink(missing_ok=True)
-                        out.rmdir()
+                        for folder in made:  # runs/x, then runs/ if this call made it
+                            folder.rmdir()
             raise
