@@ -58,7 +58,7 @@ def photo_tree(root: Path, per_class: int = 3, size=(60, 45)) -> Path:
 
 
 def quiet(**kw):
-    return dict(progress=False, log=lambda *a: None, workers=1, **kw)
+    return dict(progress=False, log=lambda *a: None, workers=1) | kw
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -95,6 +95,22 @@ def test_folder_stats_and_views_against_numpy(tmp_path):
         assert abs(abs(st.eigvec[:, k] @ v[:, k]) - 1) < 1e-8
         np.testing.assert_allclose(cov @ st.eigvec[:, k], w[k] * st.eigvec[:, k], atol=1e-6)
     assert store.manifest["stats"]["images"] == 6
+
+
+def test_a_class_without_val_images_is_named(tmp_path):
+    """Issue 21's note: 5 photos per class at the default 10% held out none (0.5 rounds to 0),
+    and prepare said nothing. Now a warning names the classes and a fraction that holds one."""
+    src = photo_tree(tmp_path / "src")  # 3 images per class: 10% of 3 rounds to 0
+    lines: list[str] = []
+    store = prepare_store(src, tmp_path / "out", size=32, **quiet(log=lines.append))
+    assert store.size("val") == 0
+    (warning,) = [x for x in lines if x.startswith("warning:")]
+    assert "3 of 3 classes (c0, c1, c2)" in warning and "--val-fraction 0.34" in warning
+    lines.clear()  # the fraction it names holds out round(3 * 0.34) = 1 of each class
+    store = prepare_store(
+        src, tmp_path / "out2", size=32, val_fraction=0.34, **quiet(log=lines.append)
+    )
+    assert store.size("val") == 3 and not [x for x in lines if x.startswith("warning:")]
 
 
 def test_rescale_is_shorter_side_then_centre(tmp_path):

@@ -117,8 +117,9 @@ def _embedded_pngs(page: str) -> list[Image.Image]:
 @pytest.mark.slow  # kernels + neighbours of the tiny run (~10 s after the fixture)
 def test_report_sections_numbers_and_images(tiny_run, tiny_store, tmp_path):
     page = build_report(
-        tiny_run, tmp_path / "r.html", data=str(tiny_store), neighbors_images=2, train_limit=None
+        tiny_run, tmp_path / "r", data=str(tiny_store), neighbors_images=2, train_limit=None
     )
+    assert page == tmp_path / "r" / "report.html"  # --out is a folder, as in every command
     text = page.read_text()
     for section in ("run", "errors", "curves", "kernels", "neighbors", "deviations", "config"):
         assert f'<h2 id="{section}">' in text
@@ -153,12 +154,15 @@ def test_report_sections_numbers_and_images(tiny_run, tiny_store, tmp_path):
     assert "<td>train.epochs</td><td>1</td><td>90</td>" in dev
     assert dev.count("train.batch_size") == 1  # one list, not the table and the recorded list
     # The kernel numbers are those `alexnet kernels` computes for the run.
-    k = json.loads((tmp_path / "r_files" / "kernels" / "kernels.json").read_text())
+    k = json.loads((tmp_path / "r" / "report_files" / "kernels" / "kernels.json").read_text())
     assert f"{k['towers']['A']['chroma_share_mean']:.3f}" in text
     # Not a run folder: one clear error line from the command, exit status 2.
     from alexnet.commands import main
 
     assert main(["report", str(tmp_path / "nope")]) == 2
+    # Issue 21: a page name where the folder goes is refused, naming what --out is.
+    assert main(["report", str(tiny_run), "--out", str(tmp_path / "page.html")]) == 2
+    assert not (tmp_path / "page.html").exists()
     # Without a store, the neighbours section says why. A fine-tuned run says from what: here
     # the tiny run's weights loaded into a 2-class net (config.json's derived.init, as
     # `train --init` records it).
@@ -174,7 +178,7 @@ def test_report_sections_numbers_and_images(tiny_run, tiny_store, tmp_path):
     two = build_model(get_profile("demo"), num_classes=2)
     cfg["derived"]["init"] = checkpoint.init_from(two, tiny_run / "model.safetensors", ["x", "y"])
     (ft / "config.json").write_text(json.dumps(cfg))
-    t2 = build_report(ft, tmp_path / "r2.html", data=str(tmp_path / "nowhere")).read_text()
+    t2 = build_report(ft, tmp_path / "r2", data=str(tmp_path / "nowhere")).read_text()
     assert "Skipped" in t2 and len(_embedded_pngs(t2)) == 2
     run = t2[t2.index('id="run"') : t2.index('id="errors"')]
     assert f"fine-tuned from {tiny_run / 'model.safetensors'}" in run

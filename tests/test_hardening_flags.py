@@ -188,7 +188,7 @@ def _outputs(tiny_store, tmp_path, where: Path) -> list[tuple[list[str], str]]:
         (train_argv(tiny_store, where / "run", "--max-steps", "0"), "--out"),
         (["prepare", str(tmp_path / "no-src"), str(where / "store"), "-q"], "OUT"),
         (["import-torchvision", str(_torchvision_state_dict(tmp_path)), str(where / "w")], "OUT"),
-        (["report", str(_fake_run(tmp_path)), "--out", str(where / "r.html")], "--out"),
+        (["report", str(_fake_run(tmp_path)), "--out", str(where / "r")], "--out"),
     ]
 
 

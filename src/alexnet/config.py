@@ -535,27 +535,12 @@ def parse_value(text: str, current: Any) -> Any:
 
 
 def apply_overrides(profile: Profile, sets: list[str]) -> Profile:
-    """`--set model.dropout=0.3 train.lr=0.02 data.lighting_std=0` onto the profile."""
-    sections = {"model": profile.model, "data": profile.data, "train": profile.train}
+    """`--set model.dropout=0.3 train.lr=0.02 data.lighting_std=0` onto a profile alone (the
+    studies' rows, `summary`): apply_settings' parsing, without the run section."""
     for item in sets:
-        key, sep, text = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot or section not in sections:
-            raise BadInput(
-                f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of model, data, "
-                "train (see `alexnet profiles`)"
-            )
-        config = sections[section]
-        names = {f.name for f in dataclasses.fields(config)}
-        if name not in names:
-            valid = ", ".join(sorted(names))
-            raise BadInput(f"--set {item!r}: {section} has no field {name!r}; valid: {valid}")
-        try:
-            value = parse_value(text, getattr(config, name))
-        except BadInput as e:
-            raise BadInput(f"--set {item!r}: {e}") from None
-        sections[section] = replace_checked(config, section, **{name: value})
-    return dataclasses.replace(profile, **sections)
+        if item.partition(".")[0] == "run":
+            raise BadInput(f"--set {item!r}: only the profile's model, data and train apply here")
+    return apply_settings(profile, RunConfig(), {}, list(sets))[0]
 
 
 # --- checking values ---------------------------------------------------------------------------

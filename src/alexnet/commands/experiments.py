@@ -334,8 +334,13 @@ def register_neighbors(sub) -> None:
 
 
 def run_report(args) -> int:
+    if args.out and Path(args.out).suffix.lower() in (".html", ".htm"):
+        raise BadInput(
+            f"--out {args.out}: a folder, as in every command (the page is OUT/report.html)"
+        )
     if Path(args.run).is_dir():  # (else build_report says it is not a run folder)
-        page = Path(args.out or Path(args.run) / "report.html")
+        check_output(Path(args.out or args.run), "--out")
+        page = Path(args.out or args.run) / "report.html"
         check_output(page, "--out", folder=False)
         check_output(page.with_name(page.stem + "_files"), "--out")  # its figures
     device = str(resolve_device(args.device))
@@ -354,7 +359,9 @@ def register_report(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", metavar="RUN", help="a run folder (alexnet train --out RUN)")
-    p.add_argument("--out", metavar="FILE.html", help="the page (default RUN/report.html)")
+    p.add_argument(
+        "--out", metavar="DIR", help="output folder: DIR/report.html (default: the run folder)"
+    )
     p.add_argument(
         "--data",
         metavar="STORE",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import multiprocessing as mp
 import shutil
 import sys
@@ -301,6 +302,7 @@ def prepare_store(
             sp.refs, sp.labels = sp.refs[:limit], sp.labels[:limit]
     if not source.splits["train"].refs:
         raise BadInput(f"{src} has no training images")
+    _warn_unheld_classes(source, log)
     params = {
         "format": FORMAT,
         "version": VERSION,
@@ -529,6 +531,28 @@ def _finish(source, params, out: Path, tasks, elapsed: float, log) -> Store:
         if names:
             log(f"warning: no readable {split} image in classes {', '.join(names[:10])}")
     return open_store(out)
+
+
+def _warn_unheld_classes(source, log) -> None:
+    """A warning line when a class has training images but none in val (a small class split by
+    --val-fraction: 10% of 5 rounds to 0): nothing would measure the error on that class."""
+    if "val" not in source.splits:
+        return
+    train = np.bincount(source.splits["train"].labels, minlength=len(source.classes))
+    val = np.bincount(source.splits["val"].labels, minlength=len(source.classes))
+    missing = [str(c) for c, t, v in zip(source.classes, train, val, strict=True) if t and not v]
+    if missing:
+        shown = ", ".join(missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
+        smallest = int(min(train[train > 0]))
+        fix = f"--val-fraction {math.ceil(100 / smallest) / 100:.2f} holds out one of each, or "
+        log(
+            f"warning: no val image of {len(missing)} of {len(source.classes)} classes ({shown}): "
+            f"their error is not measured; with {smallest} images in a class, "
+            + (fix if smallest >= 2 else "")
+            + "give val/<class>/ folders"
+        )
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:

@@ -149,14 +149,14 @@ def build_report(
     train_limit: int | None = 2000,
     device: str = "cpu",
 ) -> Path:
-    """Writes the HTML page (default RUN/report.html) and returns its path."""
+    """Writes OUT/report.html (OUT: a folder, default RUN) and returns its path."""
     run = Path(run)
     if not run.is_dir():
         raise NotFound(f"{run}: not a run folder (alexnet train --out RUN)")
     cfg = read_json(run / "config.json")
     if cfg is None:
         raise NotFound(f"{run}/config.json: missing or unreadable: not a run folder")
-    page = Path(out) if out else run / "report.html"
+    page = Path(out or run) / "report.html"
     files = page.with_name(page.stem + "_files")
     files.mkdir(parents=True, exist_ok=True)
     profile = cfg.get("profile", {})
