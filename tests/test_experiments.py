@@ -281,4 +281,35 @@ def test_study_commands_flags_have_help_and_no_abbreviations(capsys):
     cfg = E.ablate_config(args)
     assert (cfg.steps, cfg.only, cfg.sets, cfg.store_limit) == (24, ("lrn",), ("train.lr=0.1",),
                                                                 2000)  # fmt: skip
+    # recipes: --quick fills what is not given; --controls names rows (baseline always first).
+    cfg = E.recipes_config(parser.parse_args(["recipes", "--quick", "--control-steps", "20"]))
+    assert (cfg.recipes, cfg.epochs, cfg.controls, cfg.control_steps, cfg.store_limit) == (
+        ("paper",), 1, ("baseline", "init03"), 20, 2000)  # fmt: skip
+    cfg = E.recipes_config(parser.parse_args(["recipes", "--controls", "alpha5,inverted"]))
+    assert cfg.controls == ("baseline", "alpha5", "inverted") and cfg.epochs == 3
+    assert cfg.recipes == ("paper", "cuda-convnet") and cfg.store_limit is None
+    cfg = E.recipes_config(parser.parse_args(["recipes", "--controls", "all", "--epochs", "0"]))
+    assert len(cfg.controls) == 11 and cfg.recipes == ()
+    with pytest.raises(ValueError, match="--controls 'bogus': valid rows are baseline"):
+        E.recipes_config(parser.parse_args(["recipes", "--controls", "bogus"]))
     capsys.readouterr()
+
+
+def test_leave_chance_step_and_paired_deltas_by_hand():
+    """recipes' leave-chance rule (the first logged loss that, with the next two, is below
+    chance - margin) and the engine's paired deltas, against values worked out by hand."""
+    from alexnet.experiments import common, recipes
+
+    steps = [10, 20, 30, 40, 50, 60]
+    chance = 2.302585  # ln 10
+    # 20 dips below 2.2 once, then 40, 50, 60 stay below: the step is 40, not 20.
+    losses = [2.31, 2.10, 2.25, 2.15, 2.0, 1.9]
+    assert recipes.leave_chance_step(steps, losses, chance, 0.1) == 40
+    assert recipes.leave_chance_step(steps, losses[:5], chance, 0.1) is None  # 2 points left
+    assert recipes.loss_at(steps, losses, 30) == 2.25 and recipes.loss_at(steps, losses, 35) is None
+    derive = common.paired_deltas(
+        lambda k: "base" if k != "base" else None, {"d": "err"}, scale=100
+    )
+    res = {"base": [{"err": 0.50}, {"err": 0.40}], "row": [{"err": 0.55}, {"err": 0.30}]}
+    out = derive(res)
+    assert list(out) == ["row"] and out["row"]["d"] == pytest.approx([5.0, -10.0])

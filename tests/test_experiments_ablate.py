@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from alexnet.experiments import ablate as A
+from alexnet.experiments.common import fit_schedule, select_rows
 
 ROWS = ["baseline", "lrn", "pool", "lighting", "dropout", "towers", "conv3", "conv4", "conv5"]
 # The paper's deltas (docs/facts.md), variant minus baseline, in points of top-1 / top-5.
@@ -60,9 +61,11 @@ def test_variants_cover_the_paper_and_build():
                 for f in getattr(p, sec).__dataclass_fields__
                 if getattr(getattr(p, sec), f) != getattr(getattr(base, sec), f)]  # fmt: skip
         assert len(diff) == 1, (v.key, diff)
-    assert A.parse_only("conv,lrn") == ("conv3", "conv4", "conv5", "lrn")
-    with pytest.raises(ValueError, match="valid rows"):
-        A.parse_only("lrn,bogus")
+    keys = [v.key for v in A.VARIANTS[1:]]
+    assert select_rows("conv,lrn,conv4", keys, "--only", {"conv": A.CONV}) == (
+        "conv3", "conv4", "conv5", "lrn")  # fmt: skip
+    with pytest.raises(ValueError, match="--only 'bogus': valid rows"):
+        select_rows("lrn,bogus", keys, "--only", {"conv": A.CONV})
 
 
 def test_schedule_fits_the_budget():
@@ -70,12 +73,12 @@ def test_schedule_fits_the_budget():
     p = A.variant_profile(cfg, A.BY_KEY["baseline"], n_train=2000)
     # 30 steps of 32 fit in one epoch of 2000: one epoch of exactly 960 images.
     assert (p.train.epochs, p.train.epoch_images, p.train.batch_size) == (1, 960, 32)
-    p = A.fit_schedule(p, 100, 2000)  # 62 batches per epoch: 2 epochs hold 100 steps
+    p = fit_schedule(p, 100, 2000)  # 62 batches per epoch: 2 epochs hold 100 steps
     assert (p.train.epochs, p.train.epoch_images) == (2, None)
-    p = A.fit_schedule(p, 3, 40)  # one batch of 32 per epoch: 3 epochs
+    p = fit_schedule(p, 3, 40)  # one batch of 32 per epoch: 3 epochs
     assert p.train.epochs == 3
     with pytest.raises(ValueError, match="fewer than a batch"):
-        A.fit_schedule(p, 3, 16)
+        fit_schedule(p, 3, 16)
 
 
 def test_table_holds_every_row_with_paired_deltas(tiny_store):

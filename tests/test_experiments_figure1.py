@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from alexnet.data.sources import read_idx
+from alexnet.experiments import cifar_nets as N
 from alexnet.experiments import figure1 as F1
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -23,7 +25,7 @@ needs_fashion = pytest.mark.skipif(
 
 def test_four_layer_net_shapes_and_parameters():
     for cin in (1, 3):
-        net = F1.FourLayerNet(cin, 10, "relu")
+        net = N.FourLayerNet(cin, 10, "relu")
         # Hand count: three 5x5 convs (32, 32, 64 kernels) with biases, fc 64*4*4 -> 10.
         expected = (cin * 25 * 32 + 32) + (32 * 25 * 32 + 32) + (32 * 25 * 64 + 64)
         expected += 64 * 4 * 4 * 10 + 10
@@ -37,19 +39,19 @@ def test_four_layer_net_shapes_and_parameters():
         assert net(x).shape == (2, 10)
     # The same seed gives the same initial weights for both activations (a fair comparison).
     torch.manual_seed(3)
-    a = F1.FourLayerNet(1, 10, "relu")
+    a = N.FourLayerNet(1, 10, "relu")
     torch.manual_seed(3)
-    b = F1.FourLayerNet(1, 10, "tanh")
+    b = N.FourLayerNet(1, 10, "tanh")
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     with pytest.raises(ValueError, match="activation"):
-        F1.FourLayerNet(1, 10, "sigmoid")
+        N.FourLayerNet(1, 10, "sigmoid")
 
 
 def test_layers_80sec_net_and_its_init():
     """--net layers-80sec: the 2012 file's five weighted layers (fc64 before fc10) and its init
     (std 1e-4 conv1, 0.01 conv2-3, 0.1 fc64 and fc10, biases 0); its inputs are not divided."""
     torch.manual_seed(0)
-    net = F1.Layers80SecNet(3, 10, "tanh")
+    net = N.Layers80SecNet(3, 10, "tanh")
     convs = (3 * 25 * 32 + 32) + (32 * 25 * 32 + 32) + (32 * 25 * 64 + 64)
     assert sum(p.numel() for p in net.parameters()) == convs + (1024 * 64 + 64) + (64 * 10 + 10)
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
@@ -59,19 +61,19 @@ def test_layers_80sec_net_and_its_init():
         assert float(w.std()) == pytest.approx(std, rel=0.1) and abs(float(w.mean())) < std / 5
         assert not getattr(net, name).bias.any()
     imgs = np.arange(2 * 4, dtype=np.uint8).reshape(2, 1, 2, 2) * 10
-    raw = F1.normalise(imgs, by_std=False)  # raw pixels minus the mean image (the 2012 code)
+    raw = N.normalise(imgs, by_std=False)  # raw pixels minus the mean image (the 2012 code)
     assert torch.equal(raw, torch.from_numpy(imgs.astype(np.float32) - imgs.mean(0)))
-    assert float(F1.normalise(imgs).std(correction=0)) == pytest.approx(1.0, rel=1e-5)
+    assert float(N.normalise(imgs).std(correction=0)) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_read_idx(tmp_path):
     arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     raw = bytes([0, 0, 8, 3]) + struct.pack(">III", 2, 3, 4) + arr.tobytes()
     (tmp_path / "a-idx3-ubyte.gz").write_bytes(gzip.compress(raw))
-    assert np.array_equal(F1.read_idx(tmp_path / "a-idx3-ubyte.gz"), arr)
+    assert np.array_equal(read_idx(tmp_path / "a-idx3-ubyte.gz"), arr)
     (tmp_path / "b").write_bytes(raw[:-1])
     with pytest.raises(ValueError, match="truncated"):
-        F1.read_idx(tmp_path / "b")
+        read_idx(tmp_path / "b")
 
 
 def test_training_error_is_the_error_on_the_batches_trained_on():
@@ -80,11 +82,11 @@ def test_training_error_is_the_error_on_the_batches_trained_on():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 1, 32, 32, generator=g)
     y = torch.randint(0, 10, (256,), generator=g)
-    spec = F1.RunSpec("synthetic", 256, "tanh", 0.0, 5, 1, 64, 2)
-    r = F1.train_run(spec, x, y)
+    spec = N.RunSpec("synthetic", 256, "tanh", 0.0, 5, 1, 64, 2)
+    r = N.train_run(spec, x, y)
     assert r["epochs"] == [0.5, 1.0]
     torch.manual_seed(5)
-    net = F1.FourLayerNet(1, 10, "tanh")
+    net = N.FourLayerNet(1, 10, "tanh")
     with torch.no_grad():
         err = float((net(x).argmax(1) != y).float().mean())
     assert np.mean(r["errors"]) == pytest.approx(err, abs=1e-9)

@@ -47,6 +47,7 @@ RANKS = {
     "alexnet.trainstate": 7.5,  # (the train loop, rank 8, imports it)
     "alexnet.train": 8,
     "alexnet.experiments.common": 9,
+    "alexnet.experiments.cifar_nets": 9,
     "alexnet.benchmarks.model": 9,
     "alexnet.benchmarks.data": 9,
     "alexnet.benchmarks.ops": 9,

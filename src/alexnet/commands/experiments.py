@@ -19,7 +19,17 @@ from alexnet.config import get_profile
 from alexnet.data.sources import FASHION_MNIST_DIR
 from alexnet.devices import resolve_device
 from alexnet.errors import BadInput
-from alexnet.experiments import ablate, figure1, finetune, kernels, neighbors, recipes, report
+from alexnet.experiments import (
+    ablate,
+    cifar_nets,
+    figure1,
+    finetune,
+    kernels,
+    neighbors,
+    recipes,
+    report,
+)
+from alexnet.experiments.common import select_rows
 from alexnet.runfolder import check_output
 
 
@@ -136,7 +146,7 @@ FIGURE1 = (
     FASHION,
     flag("--quick", action="store_true",
          help=f"a few minutes on a 2-core CPU: {figure1.QUICK}, lr grid {figure1.QUICK_LR_GRID}"),
-    flag("--net", default="four", choices=tuple(figure1.NETS),
+    flag("--net", default="four", choices=tuple(cifar_nets.NETS),
          help="four (default): the 2012 file's layers-80sec net without fc64, PyTorch's init, "
          "inputs over their std; layers-80sec: the file's five-layer net, its init, raw pixels "
          "minus the mean"),
@@ -163,11 +173,13 @@ FIGURE1 = (
 
 def ablate_config(args) -> ablate.AblateConfig:
     base = ablate.QUICK if args.quick else ablate.FULL
+    rows = [v.key for v in ablate.VARIANTS[1:]]
+    only = select_rows(args.only, rows, "--only", {"conv": ablate.CONV})
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]  # noqa: E731
     return ablate.AblateConfig(
         out=args.out, data=args.data, profile=args.profile, seeds=pick("seeds"),
         steps=pick("steps"), batch_size=pick("batch_size"), val_limit=pick("val_limit"),
-        store_limit=pick("store_limit"), only=ablate.parse_only(args.only), sets=tuple(args.set),
+        store_limit=pick("store_limit"), only=only, sets=tuple(args.set),
         device=args.device, workers=args.workers, keep_weights=args.keep_weights,
         quick=args.quick, fast=not args.no_fast,
     )  # fmt: skip
@@ -194,31 +206,46 @@ ABLATE = (
 
 
 def recipes_config(args) -> recipes.RecipesConfig:
-    names = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+    base = recipes.QUICK if args.quick else recipes.FULL
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]  # noqa: E731
+    names = base["recipes"]
+    if args.recipes is not None:
+        names = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
     for name in names:
         get_profile(name)  # a clear error for an unknown profile, before any work
-    if args.epochs < 0 or args.control_steps < 1 or args.seeds < 1:
+    controls = base["controls"]
+    if args.controls is not None:
+        keys = select_rows(args.controls, list(recipes.BY_KEY), "--controls",
+                           {"all": tuple(recipes.BY_KEY)})  # fmt: skip
+        controls = tuple(dict.fromkeys(["baseline", *keys])) if keys else ()
+    epochs, steps, seeds = pick("epochs"), pick("control_steps"), pick("seeds")
+    if epochs < 0 or steps < 1 or seeds < 1:
         raise BadInput("--epochs must be >= 0, --control-steps and --seeds >= 1")
     return recipes.RecipesConfig(
-        out=args.out, data=args.data, recipes=names if args.epochs > 0 else (),
-        epochs=args.epochs, controls=recipes.parse_controls(args.controls),
-        control_steps=args.control_steps, seeds=args.seeds, margin=args.margin,
+        out=args.out, data=args.data, recipes=names if epochs > 0 else (), epochs=epochs,
+        controls=controls, control_steps=steps, seeds=seeds, margin=args.margin,
         log_every=args.log_every, device=args.device, workers=args.workers,
-        fast=not args.no_fast, val_limit=args.val_limit, sets=tuple(args.set),
+        fast=not args.no_fast, val_limit=pick("val_limit"), store_limit=pick("store_limit"),
+        sets=tuple(args.set),
     )  # fmt: skip
 
 
 RECIPES = (
-    flag("--data", metavar="STORE", help="a prepared store (default: Fashion-MNIST)"),
-    flag("--recipes", default=",".join(recipes.DEFAULT_RECIPES), help="profiles to train"),
-    flag("--epochs", type=int, default=3, help="epochs per recipe (0: none; default 3)"),
+    flag("--data", metavar="STORE",
+         help="a prepared store (default: prepare Fashion-MNIST into OUT)"),
+    flag("--quick", action="store_true", help=f"minutes on a 2-core CPU: {recipes.QUICK}"),
+    flag("--recipes", metavar="PROFILE,PROFILE",
+         help=f"profiles to train (default {','.join(recipes.DEFAULT_RECIPES)})"),
+    flag("--epochs", type=int, help="epochs per recipe (0: none; default 3)"),
     flag("--controls", metavar="KEY,KEY|all",
          help="short runs from `paper`, one change each: " + ", ".join(recipes.BY_KEY)),
-    flag("--control-steps", type=int, default=400, help="steps per control (400)"),
-    flag("--seeds", type=int, default=2, help="seeds per control (default 2)"),
+    flag("--control-steps", type=int, help="steps per control (default 400)"),
+    flag("--seeds", type=int, help="seeds per control (default 2)"),
     flag("--margin", type=float, default=0.1, help="below ln(classes) by (0.1)"),
     flag("--log-every", type=int, default=10, help="steps per logged loss (10)"),
     flag("--val-limit", type=int, help="validation images per epoch (default all)"),
+    flag("--store-limit", type=int,
+         help="images per split when preparing Fashion-MNIST (quick 2000; default all)"),
     *TRAINING,
 )  # fmt: skip
 

@@ -34,7 +34,6 @@ deltas; the engine runs, caches, summarises (mean, range, 95% interval over seed
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,8 @@ from alexnet.experiments.common import (
     Row,
     Study,
     default_store,
+    fit_schedule,
+    paired_deltas,
     plot_study,
     read_step_losses,
     run_study,
@@ -108,6 +109,12 @@ METRICS = (
     Metric("train_top1_error", "train top-1 err %", 100),
 )  # fmt: skip
 
+# Row minus baseline, in points of error, per seed (paired: the same initial weights where the
+# shapes agree, the same batches).
+DELTAS = paired_deltas(lambda key: "baseline", {"delta_top1": "val_top1_error",
+                                                "delta_top5": "val_top5_error"})  # fmt: skip
+CONV = ("conv3", "conv4", "conv5")  # `--only conv`
+
 QUICK = dict(seeds=1, steps=24, batch_size=64, val_limit=320, store_limit=2000)
 FULL = dict(seeds=2, steps=2000, batch_size=64, val_limit=10000, store_limit=None)
 
@@ -131,25 +138,6 @@ class AblateConfig:
     fast: bool = True  # speed.py's fastest mode (bf16 autocast where the CPU has it)
 
 
-def parse_only(text: str | None) -> tuple[str, ...]:
-    if not text:
-        return ()
-    keys = []
-    for k in (t.strip() for t in text.split(",")):
-        if not k:
-            continue
-        if k == "conv":
-            keys += ["conv3", "conv4", "conv5"]
-        elif k in BY_KEY:
-            keys.append(k)
-        else:
-            raise BadInput(
-                f"--only {k!r}: valid rows are {', '.join(v.key for v in VARIANTS[1:])} "
-                "(and conv = conv3,conv4,conv5)"
-            )
-    return tuple(dict.fromkeys(keys))
-
-
 def variant_profile(cfg: AblateConfig, variant: Row, n_train: int | None = None):
     """The base recipe with the paper's choices (PAPER_CHOICES), --set, --batch-size and the
     row's override; given the store's
@@ -159,22 +147,6 @@ def variant_profile(cfg: AblateConfig, variant: Row, n_train: int | None = None)
         sets.append(f"train.batch_size={cfg.batch_size}")
     profile = apply_overrides(get_profile(cfg.profile), sets + list(variant.sets))
     return profile if n_train is None else fit_schedule(profile, cfg.steps, n_train)
-
-
-def fit_schedule(profile, steps: int, n_train: int):
-    """The recipe's whole schedule (warm-up, decay, milestones) played within `steps` steps:
-    one epoch of steps x batch images when the training split holds that many (the recipe's
-    epoch_images budget), else as many full epochs as the steps need. Without this a short run
-    would stop early in a schedule meant for a longer one (e.g. still warming up)."""
-    b = profile.train.batch_size
-    per_epoch = n_train // b
-    if per_epoch < 1:
-        raise BadInput(f"the training split has {n_train} images, fewer than a batch of {b}")
-    if steps <= per_epoch:
-        train = dataclasses.replace(profile.train, epochs=1, epoch_images=steps * b)
-    else:
-        train = dataclasses.replace(profile.train, epochs=-(-steps // per_epoch), epoch_images=None)
-    return dataclasses.replace(profile, train=train)
 
 
 def run_one(cfg: AblateConfig, store: Path, row: Row, seed: int, folder: Path, spec) -> dict:
@@ -203,15 +175,6 @@ def run_one(cfg: AblateConfig, store: Path, row: Row, seed: int, folder: Path, s
     }  # fmt: skip
 
 
-def paired_deltas(results: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]]:
-    """Row minus baseline, in points of error, per seed: the same initial weights (where the
-    shapes agree) and the same batches."""
-    base = results["baseline"]
-    return {k: {f"delta_top{n}": [100 * (r[f"val_top{n}_error"] - b[f"val_top{n}_error"])
-                                   for r, b in zip(rs, base, strict=True)] for n in (1, 5)}
-            for k, rs in results.items()}  # fmt: skip
-
-
 def ablate_study(cfg: AblateConfig, store: Path) -> Study:
     st = open_store(store)
     rows = [BY_KEY[k] for k in ["baseline", *(cfg.only or [v.key for v in VARIANTS[1:]])]]
@@ -230,7 +193,7 @@ def ablate_study(cfg: AblateConfig, store: Path) -> Study:
     return Study("ablate", cfg.out, rows, range(cfg.seeds), dict(steps=cfg.steps,
                  batch_size=cfg.batch_size, val_limit=cfg.val_limit), spec,
                  lambda row, seed, folder, s: run_one(cfg, store, row, seed, folder, s),
-                 METRICS, paired_deltas, device=cfg.device)  # fmt: skip
+                 METRICS, DELTAS, device=cfg.device)  # fmt: skip
 
 
 def run_ablate(cfg: AblateConfig) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from alexnet.benchmarks.report import machine_info
 from alexnet.data import make_eval_loader, prepare_store
 from alexnet.data.sources import FASHION_MNIST_DIR
 from alexnet.devices import resolve_device
+from alexnet.errors import BadInput
 from alexnet.evaluate import evaluate_model
 from alexnet.fileio import read_json, write_json, write_text
 from alexnet.plots import plt, save_figure
@@ -228,6 +229,53 @@ class Study:
     derive: Callable[[dict[str, list[dict]]], dict[str, dict[str, list]]] | None = None
     folder: Callable[[Row, int], str] = lambda row, seed: f"{row.key}-seed{seed}"  # noqa: E731
     device: str = "cpu"
+
+
+def select_rows(text: str | None, keys: Sequence[str], flag: str,
+                groups: dict[str, Sequence[str]] | None = None) -> tuple[str, ...]:  # fmt: skip
+    """The row keys a comma list names (`--only lrn,pool`), a group name (`conv`, `all`)
+    standing for its keys; in the order given, without repeats; () for no text."""
+    groups = groups or {}
+    picked: list[str] = []
+    for k in (t.strip() for t in (text or "").split(",")):
+        if k in groups:
+            picked += groups[k]
+        elif k in keys:
+            picked.append(k)
+        elif k:
+            named = "".join(f"; {g} = {','.join(v)}" for g, v in groups.items())
+            raise BadInput(f"{flag} {k!r}: valid rows are {', '.join(keys)}{named}")
+    return tuple(dict.fromkeys(picked))
+
+
+def paired_deltas(base_of: Callable[[str], str | None], deltas: dict[str, str],
+                  scale: float = 100.0) -> Callable[[dict[str, list[dict]]], dict]:  # fmt: skip
+    """A Study.derive: for each row that has a base row (`base_of(key)`), per seed, {delta key:
+    scale x (the row's metric minus the base row's)}. Paired by seed: the same batches, views
+    and (where the shapes agree) initial weights, so the seed's own noise cancels."""
+
+    def derive(results: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]]:
+        return {key: {d: [scale * (r[m] - b[m]) for r, b in zip(rs, results[base], strict=True)]
+                      for d, m in deltas.items()}
+                for key, rs in results.items() if (base := base_of(key)) is not None}  # fmt: skip
+
+    return derive
+
+
+def fit_schedule(profile, steps: int, n_train: int):
+    """The recipe's whole schedule (warm-up, decay, milestones) played within `steps` steps:
+    one epoch of steps x batch images when the training split holds that many (the recipe's
+    epoch_images budget), else as many full epochs as the steps need. Without this a short run
+    would stop early in a schedule meant for a longer one (e.g. still warming up)."""
+    b = profile.train.batch_size
+    per_epoch = n_train // b
+    if per_epoch < 1:
+        raise BadInput(f"the training split has {n_train} images, fewer than a batch of {b}")
+    if steps <= per_epoch:
+        train = dataclasses.replace(profile.train, epochs=1, epoch_images=steps * b)
+    else:
+        train = dataclasses.replace(profile.train, epochs=-(-steps // per_epoch), epoch_images=None)
+    return dataclasses.replace(profile, train=train)
 
 
 def cached_run(folder: Path, spec: dict[str, Any], fn: Callable[[Path], dict]) -> dict:

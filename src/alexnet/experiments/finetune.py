@@ -37,6 +37,7 @@ from alexnet.experiments.common import (
     Study,
     cached_run,
     markdown_table,
+    paired_deltas,
     run_study,
     study_table,
     summarise_study,
@@ -111,16 +112,11 @@ METRICS = (
     Metric("val_top1_error", "test top-1 err %", 100, 2),
     Metric("delta", "fine-tuned minus scratch (points)", 1, 2),
 )
-
-
-def paired_deltas(results: dict[str, list[dict]], budgets) -> dict[str, dict[str, list]]:
-    """Fine-tuned minus scratch per seed, in points: the same seed, batches and views."""
-    return {
-        f"finetuned-{n}": {"delta": [100 * (f["val_top1_error"] - c["val_top1_error"])
-                                     for c, f in zip(results[f"scratch-{n}"],
-                                                     results[f"finetuned-{n}"], strict=True)]}
-        for n in budgets
-    }  # fmt: skip
+# Fine-tuned minus scratch per seed, in points: the same seed, batches and views.
+DELTAS = paired_deltas(
+    lambda key: key.replace("finetuned-", "scratch-") if key.startswith("finetuned-") else None,
+    {"delta": "val_top1_error"},
+)
 
 
 def check_finetune_config(cfg: FinetuneConfig) -> tuple[str, ...]:
@@ -167,7 +163,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     study = Study("finetune", out, rows, range(cfg.seeds), {"budgets": list(cfg.budgets)}, spec,
                   lambda row, seed, folder, s: _run(cfg, store_b, profile(row), seed, folder, s,
                                                     s["init"]),
-                  METRICS, lambda res: paired_deltas(res, cfg.budgets),
+                  METRICS, DELTAS,
                   device=cfg.device)  # fmt: skip
     results = run_study(study)
     summary = summarise(cfg, pre, results, open_store(store_a), open_store(store_b))

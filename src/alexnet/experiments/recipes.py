@@ -36,7 +36,6 @@ import numpy as np
 
 from alexnet.config import LAYERS, apply_overrides, get_profile
 from alexnet.data import open_store
-from alexnet.errors import BadInput
 from alexnet.experiments.common import (
     Metric,
     Row,
@@ -106,6 +105,14 @@ CONTROLS = (
 BY_KEY = {c.key: c for c in CONTROLS}
 
 
+# Quick: a smoke test of both parts on a 2,000-image store (the recipe's first epoch, two
+# controls); full: the defaults below.
+QUICK = dict(recipes=("paper",), epochs=1, controls=("baseline", "init03"), control_steps=30,
+             seeds=2, val_limit=320, store_limit=2000)  # fmt: skip
+FULL = dict(recipes=DEFAULT_RECIPES, epochs=3, controls=(), control_steps=400, seeds=2,
+            val_limit=None, store_limit=None)  # fmt: skip
+
+
 @dataclass
 class RecipesConfig:
     out: str = "runs/recipes"
@@ -122,19 +129,8 @@ class RecipesConfig:
     workers: int | None = None
     fast: bool = True
     val_limit: int | None = None
+    store_limit: int | None = None  # images per split of the Fashion-MNIST store it prepares
     sets: tuple[str, ...] = ()  # --set overrides for every run (e.g. a smaller batch for tests)
-
-
-def parse_controls(text: str | None) -> tuple[str, ...]:
-    if not text:
-        return ()
-    if text == "all":
-        return tuple(c.key for c in CONTROLS)
-    keys = [k.strip() for k in text.split(",") if k.strip()]
-    bad = [k for k in keys if k not in BY_KEY]
-    if bad:
-        raise BadInput(f"--controls {','.join(bad)}: valid are {', '.join(BY_KEY)} (or all)")
-    return tuple(dict.fromkeys(["baseline", *keys]))
 
 
 def leave_chance_step(
@@ -214,7 +210,7 @@ def run_recipes(cfg: RecipesConfig) -> dict[str, Any]:
     """Runs (or resumes) the recipes and the controls; writes OUT/recipes.{json,md,png} and
     controls.png; returns the JSON."""
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    store = Path(cfg.data) if cfg.data else default_store(cfg.out, None)
+    store = Path(cfg.data) if cfg.data else default_store(cfg.out, cfg.store_limit)
     study = recipes_study(cfg, store)
     results = run_study(study)
     summary = summarise(cfg, open_store(store), summarise_study(study, results), results)
