@@ -202,11 +202,15 @@ def test_bench_convs_rows_and_ratios(tmp_path, capsys):
     assert torch.backends.cudnn.benchmark == before
     r = json.loads(capsys.readouterr().out)
     keys = {(x["layer"], x["variant"], x["mode"], x["cudnn_benchmark"]) for x in r["rows"]}
-    assert len(keys) == len(r["rows"]) == 12
+    assert len(keys) == len(r["rows"]) == 20  # conv1: 3 forms, conv2: 2; x 2 modes x 2
     assert all(x["ms"] > 0 for x in r["rows"])
     ms = {(x["layer"], x["variant"], x["mode"], x["cudnn_benchmark"]): x["ms"] for x in r["rows"]}
     want = ms["conv2", "grouped", "bf16+cl", True] / ms["conv2", "two dense", "bf16+cl", True]
     assert r["ratios"]["conv2_grouped_over_two_dense_bf16_cl_benchmark"] == pytest.approx(want)
+    want = ms["conv1", "4x4 blocks", "fp32", False] / ms["conv1", "dense", "fp32", False]
+    assert r["ratios"]["conv1_blocks_over_dense_fp32"] == pytest.approx(want)
+    want = ms["conv1", "two towers", "bf16+cl", False] / ms["conv1", "dense", "bf16+cl", False]
+    assert r["ratios"]["conv1_two_towers_over_dense_bf16_cl"] == pytest.approx(want)
     assert "<!-- alexnet bench convs: begin -->" in md.read_text()
 
 

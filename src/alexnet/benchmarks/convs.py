@@ -4,7 +4,9 @@
   grouped convolution (groups=2, what the one-device net runs) against two dense convolutions
   on the towers' halves, concatenated (the way a tower-by-tower computation would go);
 - conv1 (96 kernels of 11x11x3, stride 4, on 224x224; 3 input maps, an awkward shape for
-  channels_last kernels) as it is;
+  channels_last kernels) as one convolution (what the net runs in float32), as two towers of 48
+  kernels on the same input, concatenated (the 2012 code's two GPUs), and on the image's 4x4
+  blocks (alexnet.fast.SpaceToDepthConv: what the net runs in bf16 on a CPU);
 each timed forward + backward (input and weight gradients; conv1's input gradient too, which
 training does not need, to keep the two alike), in float32 and in bfloat16 + channels_last,
 with cuDNN's algorithm search (cudnn.benchmark, what training sets) off and on. Medians of the
@@ -21,9 +23,11 @@ import torch.nn.functional as F
 
 from alexnet.benchmarks.report import machine_info, machine_lines, markers, section_name
 from alexnet.errors import BadInput
+from alexnet.fast import space_to_depth_conv2d
 
 # name: (input maps, output maps, input side, kernel, stride, pad, groups)
 LAYERS = {"conv1": (3, 96, 224, 11, 4, 0, 1), "conv2": (96, 256, 27, 5, 1, 2, 2)}
+CONV1 = ["dense", "two towers", "4x4 blocks"]
 MODES = {"fp32": (torch.float32, False), "bf16+cl": (torch.bfloat16, True)}
 
 
@@ -46,6 +50,10 @@ def _case(layer: str, variant: str, mode: str, batch: int, device: torch.device)
         if variant == "two dense":
             halves = zip(x.chunk(2, 1), w.chunk(2, 0), strict=True)
             y = torch.cat([F.conv2d(xi, wi, None, stride, pad) for xi, wi in halves], 1)
+        elif variant == "two towers":  # each tower's 48 kernels on the whole input
+            y = torch.cat([F.conv2d(x, wi, None, stride, pad) for wi in w.chunk(2, 0)], 1)
+        elif variant == "4x4 blocks":
+            y = space_to_depth_conv2d(x, w, None, stride, (pad, pad))
         else:
             y = F.conv2d(x, w, None, stride, pad, 1, groups)
         y.backward(torch.ones_like(y))
@@ -63,7 +71,7 @@ def run_convs_bench(
         raise BadInput("--batch-size and --steps must be positive, --warmup at least 0")
     modes = ["fp32", "bf16+cl"]
     cases = [(layer, variant, mode)
-             for layer, variants in (("conv1", ["dense"]), ("conv2", ["grouped", "two dense"]))
+             for layer, variants in (("conv1", CONV1), ("conv2", ["grouped", "two dense"]))
              for variant in variants for mode in modes]  # fmt: skip
     machine = machine_info(device)
     before = torch.backends.cudnn.benchmark
@@ -96,6 +104,11 @@ def run_convs_bench(
                     and r["cudnn_benchmark"] == search}  # fmt: skip
             tag = f"{mode.replace('+', '_')}{'_benchmark' if search else ''}"
             ratios[f"conv2_grouped_over_two_dense_{tag}"] = pick["grouped"] / pick["two dense"]
+            one = {r["variant"]: r["ms"] for r in rows
+                   if r["layer"] == "conv1" and r["mode"] == mode
+                   and r["cudnn_benchmark"] == search}  # fmt: skip
+            ratios[f"conv1_two_towers_over_dense_{tag}"] = one["two towers"] / one["dense"]
+            ratios[f"conv1_blocks_over_dense_{tag}"] = one["4x4 blocks"] / one["dense"]
     return {
         "rows": rows,
         "ratios": ratios,
@@ -131,7 +144,8 @@ def format_markdown(result: dict) -> str:
         *machine_lines(m, s["command"]),
         f"- Forward + backward of one layer, batch {s['batch_size']}, {s['warmup']} warm-up + "
         f"{s['steps']} timed repeats, interleaved; medians. conv2 grouped (groups=2, what the "
-        "one-device net runs) against two dense convolutions on the towers' halves.",
+        "one-device net runs) against two dense convolutions on the towers' halves; conv1 as one "
+        "convolution, as two towers of 48 kernels, and on 4x4 blocks (SpaceToDepthConv).",
         "",
         "| layer | computed as | mode | cudnn.benchmark | ms | images/s |",
         "|---|---|---|---|---:|---:|",
