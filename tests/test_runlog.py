@@ -91,3 +91,32 @@ def test_curves_draw_top5_only_with_more_than_5_classes(tmp_path, monkeypatch):
     assert {k: "val top-5 error" in v for k, v in drawn.items()} == {"3": False, "5": False,
                                                                      "6": True}  # fmt: skip
     assert all("val top-1 error" in v for v in drawn.values())
+
+
+def test_epoch_train_loss_is_the_mean_over_its_steps(reference_run, tiny_store, tmp_path):
+    """Issue 21's quick re-run: with step 1 logged alone, the epoch's train_loss (the mean of
+    the logged means) gave step 1 the weight of a whole window. The same run logged every 3
+    steps (windows of 1, 2, 1 at the epochs' ends) against the reference run's losses of every
+    single step: the mean over the epoch's steps, computed here."""
+    import dataclasses
+    import json
+
+    from alexnet.train import Trainer
+    from conftest import reference_config
+
+    profile, run = reference_config(tiny_store, tmp_path / "run")
+    run = dataclasses.replace(run, log_every=3)
+    assert Trainer(profile, run).fit()["status"] == "done"
+
+    def records(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines]
+
+    every = [r for r in records(reference_run) if r["kind"] == "step"]
+    assert all(r["steps"] == 1 for r in every)
+    mine = records(tmp_path / "run")
+    windows = [r["steps"] for r in mine if r["kind"] == "step"]
+    assert sum(windows) == len(every) and windows[0] == 1 and len(set(windows)) > 1
+    for e in (r for r in mine if r["kind"] == "epoch"):
+        steps = [r["loss"] for r in every if e["epoch"] - 1 < r["epoch"] <= e["epoch"]]
+        assert abs(e["train_loss"] - sum(steps) / len(steps)) < 1e-6

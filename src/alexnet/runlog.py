@@ -262,10 +262,10 @@ class RunLog:
             plot_curves(read_metrics(self.metrics), self.out / "curves.png", top5=top5)
 
     def epoch_train_loss(self, epoch: int) -> float | None:
-        """The mean of the logged training losses of epoch `epoch` (1-based)."""
-        vals = [
-            r["loss"]
-            for r in read_metrics(self.metrics)
-            if r.get("kind") == "step" and epoch - 1 < r["epoch"] <= epoch
-        ]
-        return sum(vals) / len(vals) if vals else None
+        """The mean training loss of epoch `epoch` (1-based) over its steps: each logged mean
+        weighted by the steps it covers (step 1 is logged alone, and the window before an
+        epoch's end may be short; a record without "steps", from an older run, counts 1)."""
+        recs = [(r["loss"], r.get("steps", 1)) for r in read_metrics(self.metrics)
+                if r.get("kind") == "step" and epoch - 1 < r["epoch"] <= epoch]  # fmt: skip
+        n = sum(w for _, w in recs)
+        return sum(v * w for v, w in recs) / n if n else None

@@ -354,6 +354,7 @@ class Trainer:
             "step": self.pos.step,
             "epoch": round(self.pos.epoch + self.pos.batch / self.steps_per_epoch, 4),
             "loss": float(mean_loss),
+            "steps": len(losses),  # the steps this mean is over (step 1 is logged alone)
             "lr": lr,
             "images_per_s": rate,
         }
