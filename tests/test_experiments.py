@@ -307,6 +307,9 @@ def test_leave_chance_step_and_paired_deltas_by_hand():
     assert recipes.leave_chance_step(steps, losses, chance, 0.1) == 40
     assert recipes.leave_chance_step(steps, losses[:5], chance, 0.1) is None  # 2 points left
     assert recipes.loss_at(steps, losses, 30) == 2.25 and recipes.loss_at(steps, losses, 35) is None
+    # Logged means over steps 1, 2-10, 11-20 (step 1 alone): steps 1-20's mean weights them
+    # 1, 9 and 10: (3.0 + 9 * 2.0 + 10 * 1.0) / 20 = 1.55 (the plain mean of the three: 2.0).
+    assert common.mean_loss_to([1, 10, 20, 30], [3.0, 2.0, 1.0, 0.5], 20) == pytest.approx(1.55)
     derive = common.paired_deltas(
         lambda k: "base" if k != "base" else None, {"d": "err"}, scale=100
     )

@@ -131,6 +131,18 @@ def read_step_losses(metrics: str | Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
+def mean_loss_to(steps: list[int], losses: list[float], last: int) -> float | None:
+    """The mean training loss over steps 1..last from the logged means, each weighted by the
+    steps it covers (the step since the previous record: step 1 is logged alone)."""
+    total = n = 0.0
+    prev = 0
+    for s, v in zip(steps, losses, strict=True):
+        if s > last:
+            break
+        total, n, prev = total + v * (s - prev), n + (s - prev), s
+    return total / n if n else None
+
+
 # --- the study engine ------------------------------------------------------------------------
 # A study is a declaration: rows x seeds x a budget, and a function that runs one (row, seed).
 # The engine runs them (each in OUT/runs/<row>-seed<s>/, cached and resumable), summarises each

@@ -42,6 +42,7 @@ from alexnet.experiments.common import (
     Study,
     default_store,
     markdown_table,
+    mean_loss_to,
     read_step_losses,
     run_study,
     study_table,
@@ -55,7 +56,7 @@ DEFAULT_RECIPES = ("paper", "cuda-convnet")
 LOSS_AT = (50, 100, 200, 300, 400)  # the table's fixed steps (those within the budget)
 METRICS = (
     Metric("leave_chance_step", "leaves chance at step", digits=0),
-    Metric("first_steps_mean_loss", "mean loss, first 2 points", digits=3),
+    Metric("first_steps_mean_loss", "mean loss, steps 1 to 2 x log-every", digits=3),
     Metric("last_loss", "last logged loss", digits=3),
 )
 
@@ -173,7 +174,7 @@ def _one(cfg: RecipesConfig, store: Path, row: Row, seed: int, folder: Path, spe
         "steps_per_epoch": t["steps_per_epoch"], "chance_loss": chance, "steps": steps,
         "losses": losses, "leave_chance_step": leave_chance_step(steps, losses, chance,
                                                                  cfg.margin),
-        "first_steps_mean_loss": float(np.mean(losses[:2])) if losses else None,
+        "first_steps_mean_loss": mean_loss_to(steps, losses, 2 * cfg.log_every),
         "last_loss": losses[-1] if losses else None,
         "epochs": [{k: r.get(k) for k in keep} for r in t["history"] if r.get("kind") == "epoch"],
     }  # fmt: skip
@@ -277,7 +278,7 @@ def recipes_markdown(summary: dict[str, Any]) -> str:
         "'-' = not within the budget.\n\n"
     )
     if summary["recipes"]:
-        header = ["recipe", "leaves chance at step", "mean loss, first 2 points"]
+        header = ["recipe", "leaves chance at step", "mean loss, steps 1 to 2 x log-every"]
         header += [f"loss at step {s}" for s in LOSS_AT]
         n_ep = max(len(r["epochs"]) for r in summary["recipes"].values())
         header += [f"val top-1 err, epoch {e + 1}" for e in range(n_ep)]
