@@ -226,6 +226,8 @@ def test_a_log_file_shows_the_run_and_its_first_step_at_once(
     assert lines[3].startswith("stopped at step 3 (--max-steps)"), lines
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r["kind"] == "step"] == [1, 3]
+    # Each record says how many steps its mean covers (step 1 alone, then 2-3): issue 21.
+    assert [r["steps"] for r in recs if r["kind"] == "step"] == [1, 2]
 
 
 @pytest.mark.slow
