@@ -346,6 +346,38 @@ def test_item10_a_corrupt_record_met_in_training_or_evaluation_names_store_split
         one_line_error(capsys.readouterr().err, store, "val record", "is corrupt")
 
 
+_LEFT_OPEN = """
+import gc, sys
+gc.disable()  # nothing collected before exit: what a traceback or a cycle keeps stays alive
+from alexnet import data
+from alexnet.commands import main
+store = data.open_store(sys.argv[1])
+kept = data.make_eval_loader(store, data_config, batch_size=4, workers=1)
+next(iter(kept))  # its worker started, and never closed
+assert main(["evaluate", sys.argv[2], "--data", sys.argv[3], "--workers", "1",
+             "--device", "cpu"]) == 2  # a corrupt val record met in a worker
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_with_loaders_left_open_exits(tiny_store, weights_of, tmp_path):
+    """The full suite hung at exit (fresh CI, issue 21): a loader's workers ignore SIGTERM, so
+    multiprocessing's exit handler (SIGTERM to daemonic children, then join) waited forever for
+    the worker of an evaluation that failed on a corrupt record and was never closed. Now
+    evaluate closes its loader whatever happens, and any loader still open is closed at exit:
+    this process, which leaves both kinds behind with garbage collection off, ends."""
+    bad = copy_store(tiny_store, tmp_path / "store")
+    for shard in (bad / "val").glob("shard-*.bin"):
+        shard.write_bytes(b"\xff" * shard.stat().st_size)
+    weights = weights_of(data.open_store(tiny_store).classes)
+    script = _LEFT_OPEN.replace(
+        "data_config", "__import__('alexnet.config').config.get_profile('paper').data"
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(tiny_store), str(weights), str(bad)],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "exiting" in r.stdout, r.stderr[-2000:]
+
+
 def test_item10_only_user_errors_are_one_line_a_bug_keeps_its_traceback(monkeypatch, capsys):
     import alexnet.commands.summary as summary_command
 

@@ -208,17 +208,20 @@ def evaluate_store(
     mode = default_fast_mode(device) if fast else FastMode()
     mode = dataclasses.replace(mode, compile=False)
     model = prepare_model(loaded, mode)
-    r = evaluate_model(
-        model,
-        loader,
-        views=views,
-        mode=mode,
-        device=device,
-        progress=progress,
-        total=len(spread_indices(store.size(split), limit, store.labels(split))),
-        num_classes=len(loaded.run_info.classes) if per_class else None,
-        keep_probs=keep_probs,
-    )
+    try:
+        r = evaluate_model(
+            model,
+            loader,
+            views=views,
+            mode=mode,
+            device=device,
+            progress=progress,
+            total=len(spread_indices(store.size(split), limit, store.labels(split))),
+            num_classes=len(loaded.run_info.classes) if per_class else None,
+            keep_probs=keep_probs,
+        )
+    finally:
+        loader.close()  # its worker processes, now, whether or not the evaluation failed
     r.update(
         {
             "weights": str(loaded.run_info.path),

@@ -214,7 +214,10 @@ def _run_bench(images, workers, encoding, seed, min_seconds, log) -> dict:
         e = 0
         while e < 2 or min(ours.timed, base.timed) < min_seconds:
             loader = make_train_loader(store, data, batch, seed=seed, epoch=e, workers=workers)
-            ours.epoch(loader, probe_memory=True)
+            try:
+                ours.epoch(loader, probe_memory=True)
+            finally:
+                loader.close()
             if e == 0:
                 main_rss = _rss_mb() - rss0
             base.epoch(

@@ -35,6 +35,8 @@ buffers, and the evaluation loader are one data path with one set of invariants.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # noqa: F401  (its exit handler registered before ours)
 import os
 import queue
 import signal
@@ -42,6 +44,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -378,6 +381,7 @@ class _Workers:
         self.dataset, self.workers, self.device = dataset, workers, device
         self._keys = _Keys()
         self._dl: DataLoader | None = None
+        _LIVE.add(self)
 
     def batches(self, keys):
         """The workers' batches for `keys`, in order."""
@@ -415,10 +419,30 @@ class _Workers:
 
     def close(self) -> None:
         """Stop the workers (they also stop with the process)."""
-        it = getattr(self._dl, "_iterator", None)
-        if it is not None:
-            it._shutdown_workers()
+        _stop_workers(self._dl)
         self._dl = None
+
+
+# The workers ignore SIGTERM (_worker_init), so multiprocessing's exit handler, which
+# terminates daemonic children with SIGTERM and then joins them, would wait forever for the
+# workers of a loader nobody closed (one kept alive by a traceback, say): the process never
+# exits. Every loader still open is closed first, at exit: atexit runs its handlers last
+# registered first, and multiprocessing.util (imported above, with torch) registered its own
+# before this module's.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    for w in list(_LIVE):
+        w.close()
+
+
+def _stop_workers(dl: DataLoader | None) -> None:
+    """Ask a DataLoader's persistent workers to exit and join them (a no-op once done)."""
+    it = getattr(dl, "_iterator", None)
+    if it is not None:
+        it._shutdown_workers()
 
 
 def _ahead(items, fn, device: torch.device, depth: int = 2):

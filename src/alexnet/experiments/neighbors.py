@@ -83,17 +83,20 @@ def train_features(
     done = 0
     bar = progress(n, f"fc7 features of {split}", unit="img")
     model = loaded.eval()
-    for x, _ in loader:
-        if done >= n:
-            break
-        x = x[: n - done]
-        f = model.feature_vector(x.to(device), "fc7").float().cpu().numpy()
-        if feats is None:
-            feats = np.empty((n, f.shape[1]), np.float32)
-        feats[done : done + len(f)] = f
-        done += len(f)
-        bar.update(len(f))
-    bar.close()
+    try:
+        for x, _ in loader:
+            if done >= n:
+                break
+            x = x[: n - done]
+            f = model.feature_vector(x.to(device), "fc7").float().cpu().numpy()
+            if feats is None:
+                feats = np.empty((n, f.shape[1]), np.float32)
+            feats[done : done + len(f)] = f
+            done += len(f)
+            bar.update(len(f))
+    finally:
+        loader.close()
+        bar.close()
     tmp = path.with_name(f".{path.name}.tmp.npy")
     np.save(tmp, feats)
     tmp.replace(path)
