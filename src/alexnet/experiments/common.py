@@ -255,7 +255,8 @@ def select_rows(text: str | None, keys: Sequence[str], flag: str,
         elif k in keys:
             picked.append(k)
         elif k:
-            named = "".join(f"; {g} = {','.join(v)}" for g, v in groups.items())
+            named = "".join(f"; {g} = " + ("every one" if list(v) == list(keys) else ",".join(v))
+                            for g, v in groups.items())  # fmt: skip
             raise BadInput(f"{flag} {k!r}: valid rows are {', '.join(keys)}{named}")
     return tuple(dict.fromkeys(picked))
 
